@@ -1,0 +1,365 @@
+//! The stage API: what a stage kind declares (name, version, parameters, inputs, device) and the
+//! context the executor hands to `run`. The engine knows stage kinds only through this module.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use schemars::{JsonSchema, Schema, SchemaGenerator};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::key::{Canon, Key};
+use crate::progress::Progress;
+
+/// How many values an input field takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arity {
+    /// Exactly one value: `field = "x"`.
+    One,
+    /// Zero or one value.
+    Optional,
+    /// One or more values: `field = ["x", "y"]` (a single string is accepted too).
+    Many,
+}
+
+/// Where an input comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InputSource {
+    /// The output of other stages, named by stage name. `kinds` lists the accepted upstream
+    /// stage kinds; empty accepts any kind.
+    Stage { kinds: &'static [&'static str] },
+    /// A file or folder outside the datastore (model folder, dataset file). Its content enters the
+    /// key; `${VAR}` is expanded in it and a relative path is resolved against the pipeline file.
+    Path,
+}
+
+/// One declared input of a stage kind: a field of the stage table that names other stages or
+/// external paths, as opposed to a parameter.
+#[derive(Clone, Debug)]
+pub struct InputSpec {
+    pub name: &'static str,
+    pub source: InputSource,
+    pub arity: Arity,
+    pub doc: &'static str,
+}
+
+impl InputSpec {
+    pub const fn stage(name: &'static str, arity: Arity, doc: &'static str) -> Self {
+        Self { name, source: InputSource::Stage { kinds: &[] }, arity, doc }
+    }
+    pub const fn stage_of(
+        name: &'static str,
+        kinds: &'static [&'static str],
+        arity: Arity,
+        doc: &'static str,
+    ) -> Self {
+        Self { name, source: InputSource::Stage { kinds }, arity, doc }
+    }
+    pub const fn path(name: &'static str, arity: Arity, doc: &'static str) -> Self {
+        Self { name, source: InputSource::Path, arity, doc }
+    }
+}
+
+/// Whether a stage wants an accelerator from `--devices`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceUse {
+    /// Runs on the CPU; never holds a device.
+    Cpu,
+    /// Takes one device of `--devices` for its whole run (`cpu` when none is listed).
+    Accelerator,
+}
+
+/// A stage kind. Implement this; register it with [`Registry::register`].
+pub trait Stage: Send + Sync + 'static {
+    /// Typed parameters: every field of the stage table that is not `kind` or an input.
+    /// Use `#[serde(deny_unknown_fields)]` and `#[serde(default)]` so defaults fill in.
+    type Params: Serialize + DeserializeOwned + JsonSchema;
+    /// The `kind = "..."` name.
+    const KIND: &'static str;
+    /// Bump when the stage's outputs change for the same parameters: every key of this kind changes.
+    const VERSION: u32;
+    /// One line for `--help`, the schema and docs.
+    const DOC: &'static str;
+
+    fn inputs(&self) -> Vec<InputSpec> {
+        Vec::new()
+    }
+    fn device(&self) -> DeviceUse {
+        DeviceUse::Cpu
+    }
+    /// Validation beyond types (ranges, combinations). Errors name the parameter path.
+    fn check(&self, _params: &Self::Params) -> Result<(), ParamError> {
+        Ok(())
+    }
+    /// Produce the outputs in `ctx.out_dir()`. May keep checkpoints in `ctx.work_dir()`, which
+    /// survives a failed or killed attempt and is handed back to the next attempt of the same key.
+    fn run(&self, params: &Self::Params, ctx: &mut StageContext) -> Result<(), StageError>;
+}
+
+/// A parameter that failed to deserialize or check, with the path inside the stage table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParamError {
+    /// Keys (and array indices, as decimal strings) from the stage table down to the value.
+    pub path: Vec<String>,
+    pub message: String,
+}
+
+impl ParamError {
+    pub fn new(path: &[&str], message: impl Into<String>) -> Self {
+        Self { path: path.iter().map(|s| s.to_string()).collect(), message: message.into() }
+    }
+}
+
+/// Why a stage run did not produce its outputs.
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    /// The run was asked to stop (Ctrl-C); partial work stays resumable.
+    #[error("cancelled")]
+    Cancelled,
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Failed(String),
+    #[error(transparent)]
+    Other(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl StageError {
+    pub fn failed(msg: impl fmt::Display) -> Self {
+        Self::Failed(msg.to_string())
+    }
+    pub fn other(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::Other(Box::new(e))
+    }
+    pub fn io(context: impl fmt::Display, source: std::io::Error) -> Self {
+        Self::Io { context: context.to_string(), source }
+    }
+}
+
+impl From<std::io::Error> for StageError {
+    fn from(source: std::io::Error) -> Self {
+        Self::Io { context: "i/o error".into(), source }
+    }
+}
+
+/// The published output of an upstream stage, as seen by a downstream stage.
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    /// The upstream's name in this pipeline (for messages only: names are not part of keys).
+    pub stage: String,
+    pub kind: String,
+    pub key: Key,
+    /// The published object folder; read-only.
+    pub dir: PathBuf,
+}
+
+/// A cooperative cancellation flag, set on Ctrl-C.
+#[derive(Clone, Debug, Default)]
+pub struct Cancel(Arc<AtomicBool>);
+
+impl Cancel {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Everything a running stage may touch.
+pub struct StageContext {
+    pub(crate) name: String,
+    pub(crate) key: Key,
+    pub(crate) work_dir: PathBuf,
+    pub(crate) out_dir: PathBuf,
+    pub(crate) resumed: bool,
+    pub(crate) inputs: BTreeMap<String, Vec<Upstream>>,
+    pub(crate) external: BTreeMap<String, Vec<PathBuf>>,
+    pub(crate) device: String,
+    pub(crate) progress: Progress,
+    pub(crate) cancel: Cancel,
+    pub(crate) metrics: BTreeMap<String, serde_json::Value>,
+}
+
+impl StageContext {
+    /// The stage's name in the pipeline being run (for messages).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn key(&self) -> &Key {
+        &self.key
+    }
+    /// Scratch space kept across attempts of the same key (checkpoints, shards in progress).
+    pub fn work_dir(&self) -> &Path {
+        &self.work_dir
+    }
+    /// Where the outputs go; published atomically when `run` returns `Ok`.
+    pub fn out_dir(&self) -> &Path {
+        &self.out_dir
+    }
+    /// True when an earlier attempt of this key left a work dir behind.
+    pub fn resumed(&self) -> bool {
+        self.resumed
+    }
+    /// The upstream outputs of an input role, in the order written in the pipeline file.
+    pub fn inputs(&self, role: &str) -> &[Upstream] {
+        self.inputs.get(role).map(Vec::as_slice).unwrap_or(&[])
+    }
+    /// The single upstream of an input role declared with `Arity::One`.
+    pub fn input(&self, role: &str) -> Result<&Upstream, StageError> {
+        self.inputs(role)
+            .first()
+            .ok_or_else(|| StageError::failed(format!("input `{role}` is not connected")))
+    }
+    /// The external paths of a path input, absolute, `${VAR}` expanded.
+    pub fn external(&self, role: &str) -> &[PathBuf] {
+        self.external.get(role).map(Vec::as_slice).unwrap_or(&[])
+    }
+    /// The device assigned to this run: `cpu`, `cuda:0`, ...
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+    pub fn progress(&self) -> &Progress {
+        &self.progress
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+    /// Returns `Err(StageError::Cancelled)` once Ctrl-C was pressed; call it between units of work.
+    pub fn check_cancelled(&self) -> Result<(), StageError> {
+        if self.is_cancelled() { Err(StageError::Cancelled) } else { Ok(()) }
+    }
+    /// A summary metric, stored in the manifest and compared by `pipe diff`.
+    pub fn record_metric(&mut self, name: &str, value: impl Into<serde_json::Value>) {
+        self.metrics.insert(name.to_string(), value.into());
+    }
+}
+
+/// Object-safe view of a [`Stage`], as stored in the [`Registry`].
+pub trait DynStage: Send + Sync {
+    fn kind(&self) -> &'static str;
+    fn version(&self) -> u32;
+    fn doc(&self) -> &'static str;
+    fn inputs(&self) -> &[InputSpec];
+    fn device(&self) -> DeviceUse;
+    /// JSON Schema of the parameters (inputs and `kind` are added by the engine).
+    fn params_schema(&self, generator: &mut SchemaGenerator) -> Schema;
+    /// Deserialize the parameter table, fill defaults, check, and canonicalise.
+    fn canonical_params(&self, table: toml::Table) -> Result<Canon, ParamError>;
+    fn run(&self, params: &Canon, ctx: &mut StageContext) -> Result<(), StageError>;
+}
+
+struct Erased<S: Stage> {
+    stage: S,
+    inputs: Vec<InputSpec>,
+}
+
+fn path_of(path: &serde_path_to_error::Path) -> Vec<String> {
+    use serde_path_to_error::Segment;
+    path.iter()
+        .filter_map(|seg| match seg {
+            Segment::Seq { index } => Some(index.to_string()),
+            Segment::Map { key } => Some(key.clone()),
+            Segment::Enum { variant } => Some(variant.clone()),
+            Segment::Unknown => None,
+        })
+        .collect()
+}
+
+impl<S: Stage> DynStage for Erased<S> {
+    fn kind(&self) -> &'static str {
+        S::KIND
+    }
+    fn version(&self) -> u32 {
+        S::VERSION
+    }
+    fn doc(&self) -> &'static str {
+        S::DOC
+    }
+    fn inputs(&self) -> &[InputSpec] {
+        &self.inputs
+    }
+    fn device(&self) -> DeviceUse {
+        self.stage.device()
+    }
+    fn params_schema(&self, generator: &mut SchemaGenerator) -> Schema {
+        generator.root_schema_for::<S::Params>()
+    }
+    fn canonical_params(&self, table: toml::Table) -> Result<Canon, ParamError> {
+        let params: S::Params = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| {
+                let mut path = path_of(e.path());
+                let message = e.inner().message().to_string();
+                // serde reports an unknown field at its parent; name the field itself.
+                if let Some(field) = unknown_field(&message) {
+                    path.push(field);
+                }
+                ParamError { path, message }
+            })?;
+        self.stage.check(&params)?;
+        let json = serde_json::to_value(&params).map_err(|e| ParamError {
+            path: Vec::new(),
+            message: format!("parameters cannot be canonicalised: {e}"),
+        })?;
+        Canon::from_json(&json).map_err(|message| ParamError { path: Vec::new(), message })
+    }
+    fn run(&self, params: &Canon, ctx: &mut StageContext) -> Result<(), StageError> {
+        let params: S::Params = serde_json::from_value(params.to_json())
+            .map_err(|e| StageError::failed(format!("stored parameters do not deserialize: {e}")))?;
+        self.stage.run(&params, ctx)
+    }
+}
+
+fn unknown_field(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown field `")?;
+    Some(rest[..rest.find('`')?].to_string())
+}
+
+/// The stage kinds a binary knows, by kind name.
+#[derive(Default)]
+pub struct Registry {
+    kinds: BTreeMap<&'static str, Box<dyn DynStage>>,
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Adds a stage kind. Panics when the kind name is taken or an input collides: both are
+    /// programming errors caught by the first test that builds the registry.
+    pub fn register<S: Stage>(&mut self, stage: S) -> &mut Self {
+        let inputs = stage.inputs();
+        for (i, spec) in inputs.iter().enumerate() {
+            assert!(spec.name != "kind", "stage kind {}: an input cannot be called `kind`", S::KIND);
+            assert!(
+                !inputs[..i].iter().any(|o| o.name == spec.name),
+                "stage kind {}: input `{}` declared twice",
+                S::KIND,
+                spec.name
+            );
+        }
+        let prev = self.kinds.insert(S::KIND, Box::new(Erased { stage, inputs }));
+        assert!(prev.is_none(), "stage kind `{}` registered twice", S::KIND);
+        self
+    }
+    pub fn get(&self, kind: &str) -> Option<&dyn DynStage> {
+        self.kinds.get(kind).map(|b| b.as_ref())
+    }
+    /// Kinds in name order.
+    pub fn kinds(&self) -> impl Iterator<Item = &dyn DynStage> {
+        self.kinds.values().map(|b| b.as_ref())
+    }
+    pub fn kind_names(&self) -> Vec<&'static str> {
+        self.kinds.keys().copied().collect()
+    }
+}
