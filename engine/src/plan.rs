@@ -1,1 +1,323 @@
-//! TODO
+//! Planning: the key of every stage (a Merkle hash over upstream keys and external content), its
+//! state in the store, and what `pipe run` would do with it and why.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::PathBuf;
+
+use crate::config::Pipeline;
+use crate::hash::HashError;
+use crate::key::{self, Canon, Key, PreImage};
+use crate::stage::Registry;
+use crate::store::{Object, Partial, RunRecord, Store, StoreError};
+
+/// Where a stage's key stands in the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    /// Published: a run skips it.
+    Cached,
+    /// An unfinished attempt left a work dir: a run resumes it.
+    Partial,
+    /// Never produced, and no earlier run of this pipeline produced this stage.
+    Missing,
+    /// An earlier run produced this stage, but with another key: parameters, inputs or the
+    /// stage version changed since.
+    Stale,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Cached => "cached",
+            State::Partial => "partial",
+            State::Missing => "missing",
+            State::Stale => "stale",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Skip,
+    Run,
+    Resume,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Skip => "skip",
+            Action::Run => "run",
+            Action::Resume => "resume",
+        }
+    }
+}
+
+/// The plan for one stage.
+#[derive(Clone, Debug)]
+pub struct StagePlan {
+    pub name: String,
+    pub kind: String,
+    pub key: Key,
+    pub preimage: PreImage,
+    pub state: State,
+    pub action: Action,
+    pub reasons: Vec<String>,
+    pub object: Option<Object>,
+    pub partial: Option<Partial>,
+    /// The key this stage had in the latest earlier run of this pipeline, if different.
+    pub previous_key: Option<Key>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub pipeline: String,
+    pub stages: Vec<StagePlan>,
+    /// External files read (not answered by the memo) while computing keys.
+    pub files_hashed: u64,
+    pub bytes_hashed: u64,
+}
+
+impl Plan {
+    pub fn stage(&self, name: &str) -> Option<&StagePlan> {
+        self.stages.iter().find(|s| s.name == name)
+    }
+}
+
+/// Errors that stop planning: an external input that cannot be read, or the store.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))]
+    Inputs(Vec<InputError>),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// An external input of a stage that could not be hashed (missing model file, unreadable folder).
+#[derive(Debug)]
+pub struct InputError {
+    pub stage: String,
+    pub role: String,
+    pub at: String,
+    pub path: PathBuf,
+    pub error: HashError,
+}
+
+impl fmt::Display for InputError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let cause = match &self.error {
+            HashError::Io { source, .. } => source.to_string(),
+            e => e.to_string(),
+        };
+        write!(
+            f,
+            "error: stage `{}`: input `{}` ({}): cannot read {}: {cause}",
+            self.stage,
+            self.role,
+            self.at,
+            self.path.display()
+        )
+    }
+}
+
+/// Options that change actions, not keys.
+#[derive(Clone, Debug, Default)]
+pub struct PlanOptions {
+    /// Stages to recompute even when cached.
+    pub force: BTreeSet<String>,
+}
+
+/// Computes every stage's key (hashing external inputs through the store's memo), looks up the
+/// store and the pipeline's latest run record, and decides skip / run / resume with reasons.
+pub fn plan(p: &Pipeline, registry: &Registry, store: &Store, opts: &PlanOptions) -> Result<Plan, PlanError> {
+    let hasher = store.hasher();
+    let mut keys: BTreeMap<&str, Key> = BTreeMap::new();
+    let mut errors = Vec::new();
+    let mut preimages = Vec::new();
+    // Hash every external input first (errors for all of them, not just the first).
+    let mut external: BTreeMap<(&str, &str), Vec<Key>> = BTreeMap::new();
+    for s in &p.stages {
+        for ext in &s.external {
+            let mut hashes = Vec::new();
+            for path in &ext.paths {
+                match hasher.hash_path(path) {
+                    Ok(h) => hashes.push(h),
+                    Err(error) => errors.push(InputError {
+                        stage: s.name.clone(),
+                        role: ext.role.clone(),
+                        at: ext.at.to_string(),
+                        path: path.clone(),
+                        error,
+                    }),
+                }
+            }
+            external.insert((s.name.as_str(), ext.role.as_str()), hashes);
+        }
+    }
+    if !errors.is_empty() {
+        return Err(PlanError::Inputs(errors));
+    }
+    for s in &p.stages {
+        let version = registry.get(&s.kind).map(|k| k.version()).unwrap_or(0);
+        let pre = PreImage {
+            kind: s.kind.clone(),
+            version,
+            params: s.params.clone(),
+            inputs: s
+                .inputs
+                .iter()
+                .map(|(role, ups)| (role.clone(), ups.iter().filter_map(|u| keys.get(u.as_str()).copied()).collect()))
+                .collect(),
+            external: s
+                .external
+                .iter()
+                .map(|e| (e.role.clone(), external.remove(&(s.name.as_str(), e.role.as_str())).unwrap_or_default()))
+                .collect(),
+        };
+        keys.insert(&s.name, pre.key());
+        preimages.push(pre);
+    }
+
+    let runs = store.runs(&p.name);
+    let latest = latest_records(&runs);
+    let name_of: BTreeMap<Key, &str> = keys.iter().map(|(n, k)| (*k, *n)).collect();
+    let mut stages = Vec::new();
+    for (s, pre) in p.stages.iter().zip(preimages) {
+        let key = pre.key();
+        let object = store.lookup(&s.kind, &key)?;
+        let partial = if object.is_none() { store.partial(&s.kind, &key) } else { None };
+        let prev = latest.get(s.name.as_str());
+        let prev_key = prev.and_then(|r| Key::parse(&r.key)).filter(|k| *k != key);
+        let state = if object.is_some() {
+            State::Cached
+        } else if partial.is_some() {
+            State::Partial
+        } else if prev_key.is_some() {
+            State::Stale
+        } else {
+            State::Missing
+        };
+        let forced = opts.force.contains(&s.name);
+        let mut reasons = Vec::new();
+        let action = if forced {
+            reasons.push("forced with --force".to_string());
+            Action::Run
+        } else if let Some(obj) = &object {
+            reasons.push(format!("cached since {} ({})", obj.manifest.finished, obj.manifest.produced_by));
+            Action::Skip
+        } else if let Some(part) = &partial {
+            reasons.push(match &part.progress {
+                Some(pr) if pr.total.is_some() || pr.done > 0 => format!(
+                    "resuming an interrupted attempt at {}{} {}",
+                    pr.done,
+                    pr.total.map(|t| format!("/{t}")).unwrap_or_default(),
+                    pr.unit
+                ),
+                _ => "resuming an interrupted attempt".to_string(),
+            });
+            Action::Resume
+        } else {
+            match prev.and_then(|r| PreImage::from_json(&r.preimage)) {
+                Some(old) if old.key() != key => reasons.extend(explain(&old, &pre, &name_of, s)),
+                Some(_) => reasons.push("its output is gone from the datastore (gc'd or never finished)".into()),
+                None => reasons.push(format!("no output with this key yet (first run of `{}`)", s.name)),
+            }
+            Action::Run
+        };
+        stages.push(StagePlan {
+            name: s.name.clone(),
+            kind: s.kind.clone(),
+            key,
+            preimage: pre,
+            state,
+            action,
+            reasons,
+            object,
+            partial,
+            previous_key: prev_key,
+        });
+    }
+    Ok(Plan {
+        pipeline: p.name.clone(),
+        stages,
+        files_hashed: hasher.stats.files_read.load(std::sync::atomic::Ordering::Relaxed),
+        bytes_hashed: hasher.stats.bytes_read.load(std::sync::atomic::Ordering::Relaxed),
+    })
+}
+
+/// The newest record of each stage name across a pipeline's runs.
+fn latest_records(runs: &[RunRecord]) -> BTreeMap<&str, &crate::store::StageRecord> {
+    let mut out = BTreeMap::new();
+    for r in runs {
+        for (name, st) in &r.stages {
+            if matches!(st.state.as_str(), "done" | "cached") {
+                out.insert(name.as_str(), st);
+            }
+        }
+    }
+    out
+}
+
+/// Why `new` differs from `old`, in the user's terms: parameter paths, upstream stages, input
+/// files, the stage version.
+pub fn explain(
+    old: &PreImage,
+    new: &PreImage,
+    name_of: &BTreeMap<Key, &str>,
+    stage: &crate::config::StageDecl,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    if old.kind != new.kind {
+        out.push(format!("kind changed: {} -> {}", old.kind, new.kind));
+    }
+    if old.version != new.version {
+        out.push(format!("stage version of `{}` changed: {} -> {}", new.kind, old.version, new.version));
+    }
+    for c in key::diff(&old.params, &new.params) {
+        out.push(format!("parameter {c}"));
+    }
+    let roles = |l: &[(String, Vec<Key>)]| -> BTreeMap<String, Vec<Key>> { l.iter().cloned().collect() };
+    let (oi, ni) = (roles(&old.inputs), roles(&new.inputs));
+    for (role, nk) in &ni {
+        match oi.get(role) {
+            Some(ok) if ok == nk => {}
+            Some(ok) if ok.len() == nk.len() => {
+                for (o, n) in ok.iter().zip(nk) {
+                    if o != n {
+                        let who = name_of.get(n).copied().unwrap_or("?");
+                        out.push(format!("upstream `{who}` (input `{role}`) changed"));
+                    }
+                }
+            }
+            Some(_) => out.push(format!("input `{role}` now names other stages")),
+            None => out.push(format!("input `{role}` added")),
+        }
+    }
+    for role in oi.keys().filter(|r| !ni.contains_key(*r)) {
+        out.push(format!("input `{role}` removed"));
+    }
+    let (oe, ne) = (roles(&old.external), roles(&new.external));
+    for (role, nk) in &ne {
+        if oe.get(role) != Some(nk) {
+            let paths = stage
+                .external
+                .iter()
+                .find(|e| &e.role == role)
+                .map(|e| e.paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))
+                .unwrap_or_default();
+            out.push(format!("content of input `{role}` changed ({paths})"));
+        }
+    }
+    for role in oe.keys().filter(|r| !ne.contains_key(*r)) {
+        out.push(format!("input `{role}` removed"));
+    }
+    if out.is_empty() {
+        out.push("key format changed".into());
+    }
+    out
+}
+
+/// Canonical params of a stage as JSON (for `show` and `diff`).
+pub fn params_json(c: &Canon) -> serde_json::Value {
+    c.to_json()
+}

@@ -1,0 +1,410 @@
+//! The `pipe` command line: argument parsing, logging set-up and the mapping of engine results to
+//! output and exit codes. All behaviour lives in `engine`; this crate is glue shared by the `pipe`
+//! binary and the `pipe-testkit` binary of the end-to-end tests (which registers other stage kinds).
+
+use std::collections::BTreeSet;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+use engine::config::Pipeline;
+use engine::plan::PlanOptions;
+use engine::store::Store;
+use engine::{Cancel, Registry};
+use tracing_subscriber::Layer;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// Exit codes: 0 success, 1 a stage failed or verify found corruption, 2 bad input (config,
+/// arguments, missing files), 130 interrupted.
+pub mod exit {
+    pub const FAILED: u8 = 1;
+    pub const BAD_INPUT: u8 = 2;
+    pub const INTERRUPTED: u8 = 130;
+}
+
+/// The datastore used when neither --datastore, $DATASTORE nor `[pipeline] datastore` names one.
+pub const DEFAULT_DATASTORE: &str = "./datastore";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "pipe",
+    version,
+    about = "Declarative, content-addressed pipelines for crosscoder model-diffing experiments",
+    long_about = "Runs the stages of a pipeline file (TOML) in dependency order. Every stage's output is \
+stored under its blake3 key in the datastore, so unchanged stages are skipped, interrupted stages resume, \
+and two pipelines can be compared stage by stage.",
+    after_help = "Examples:\n  pipe run pipelines/tiny.toml\n  pipe plan pipelines/llama8b.toml --set stages.train.k=64\n  pipe status pipelines/tiny.toml --json\n  pipe diff pipelines/l1.toml pipelines/batchtopk.toml\n  pipe gc --keep pipelines/tiny.toml --dry-run\n\nDatastore: --datastore > $DATASTORE > [pipeline] datastore > ./datastore"
+)]
+pub struct Cli {
+    /// Datastore root (overrides $DATASTORE and the pipeline's `datastore`).
+    #[arg(long, global = true, value_name = "DIR")]
+    datastore: Option<PathBuf>,
+    /// More log output (-v info of every stage, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Only warnings and errors.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+struct Load {
+    /// The pipeline file.
+    file: PathBuf,
+    /// Override a value, parsed as TOML (strings need no quotes): `--set stages.train.k=64`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a pipeline: skip cached stages, resume partial ones, run the rest.
+    #[command(after_help = "Examples:\n  pipe run pipelines/tiny.toml\n  pipe run exp.toml --only train --jobs 2 --devices cuda:0,cuda:1\n  pipe run exp.toml --force plot --dry-run")]
+    Run {
+        #[command(flatten)]
+        load: Load,
+        /// Run only this stage and what it needs (repeatable).
+        #[arg(long, value_name = "STAGE")]
+        only: Vec<String>,
+        /// Recompute this stage even if cached (repeatable).
+        #[arg(long, value_name = "STAGE")]
+        force: Vec<String>,
+        /// Stages run in parallel at most.
+        #[arg(long, short = 'j', default_value_t = 1)]
+        jobs: usize,
+        /// Devices for stages that want an accelerator, one each: `cpu` or `cuda:0,cuda:1`.
+        #[arg(long, default_value = "cpu", value_delimiter = ',')]
+        devices: Vec<String>,
+        /// Print the plan and run nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// What a run would do with each stage (skip, run, resume) and why.
+    #[command(after_help = "Example:\n  pipe plan exp.toml --set stages.train.k=64 --json")]
+    Plan {
+        #[command(flatten)]
+        load: Load,
+        #[arg(long)]
+        force: Vec<String>,
+        /// JSON: {"stages":[{"name","kind","key","action","reasons"}]}
+        #[arg(long)]
+        json: bool,
+    },
+    /// Each stage's state: cached, partial (with progress), missing or stale.
+    #[command(after_help = "Example:\n  pipe status exp.toml --json")]
+    Status {
+        #[command(flatten)]
+        load: Load,
+        /// JSON: {"stages":[{"name","kind","key","state","path","progress"}]}
+        #[arg(long)]
+        json: bool,
+    },
+    /// The stage graph.
+    #[command(after_help = "Example:\n  pipe graph exp.toml --format dot | dot -Tsvg > graph.svg")]
+    Graph {
+        #[command(flatten)]
+        load: Load,
+        #[arg(long, value_enum, default_value_t = GraphFormatArg::Text)]
+        format: GraphFormatArg,
+    },
+    /// A stage's effective parameters, key, outputs and metrics.
+    #[command(after_help = "Example:\n  pipe show exp.toml train --set stages.train.k=64")]
+    Show {
+        #[command(flatten)]
+        load: Load,
+        /// The stage name.
+        stage: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compare two pipelines: parameter differences, shared keys, metric deltas.
+    #[command(after_help = "Example:\n  pipe diff l1.toml batchtopk.toml --json")]
+    Diff {
+        a: PathBuf,
+        b: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove objects and partials that no kept pipeline or recent run references.
+    #[command(after_help = "Example:\n  pipe gc --keep pipelines/llama8b.toml --keep-days 0 --dry-run")]
+    Gc {
+        /// Keep every output of this pipeline (repeatable).
+        #[arg(long, value_name = "FILE")]
+        keep: Vec<PathBuf>,
+        /// Also keep what runs of the last N days produced.
+        #[arg(long, default_value_t = 7, value_name = "N")]
+        keep_days: u64,
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-hash published outputs against their manifests.
+    #[command(after_help = "Examples:\n  pipe verify\n  pipe verify exp.toml --json")]
+    Verify {
+        /// Only the outputs of this pipeline.
+        file: Option<PathBuf>,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the JSON Schema of pipeline files.
+    Schema,
+    /// Print shell completions.
+    #[command(after_help = "Example:\n  pipe completions bash > ~/.local/share/bash-completion/completions/pipe")]
+    Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum GraphFormatArg {
+    Text,
+    Dot,
+    Mermaid,
+}
+
+/// Runs the CLI with the given stage kinds and returns the process exit code.
+pub fn main_with(registry: Registry) -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose, cli.quiet);
+    let cancel = Cancel::new();
+    {
+        let cancel = cancel.clone();
+        let mut hits = 0;
+        let _ = ctrlc::set_handler(move || {
+            hits += 1;
+            if hits > 1 {
+                eprintln!("interrupted again: exiting now (partials stay resumable)");
+                std::process::exit(exit::INTERRUPTED as i32);
+            }
+            eprintln!("interrupted: stopping running stages (press Ctrl-C again to exit now)");
+            cancel.cancel();
+        });
+    }
+    match dispatch(cli, &registry, cancel) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            let _ = std::io::stdout().flush();
+            if let Some(c) = e.downcast_ref::<engine::config::ConfigErrors>() {
+                eprint!("{c}");
+            } else {
+                eprintln!("error: {e:#}");
+            }
+            ExitCode::from(exit::BAD_INPUT)
+        }
+    }
+}
+
+fn init_logging(verbose: u8, quiet: bool) {
+    let level = match (quiet, verbose) {
+        (true, _) => "warn",
+        (_, 0) => "warn,pipe=info,engine::exec=info",
+        (_, 1) => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let stderr = tracing_subscriber::fmt::layer()
+        .with_writer(|| SuspendWriter)
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
+        .without_time()
+        .with_filter(filter);
+    let objects = engine::logging::ObjectLogLayer.with_filter(tracing_subscriber::filter::LevelFilter::DEBUG);
+    let _ = tracing_subscriber::registry().with(stderr).with(objects).try_init();
+}
+
+/// Writes log lines to stderr with the progress bars cleared.
+struct SuspendWriter;
+
+impl Write for SuspendWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        engine::progress::suspend(|| std::io::stderr().write(buf))
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+fn load(l: &Load, registry: &Registry) -> Result<Pipeline> {
+    Ok(engine::config::load(&l.file, &l.set, registry)?)
+}
+
+/// --datastore > $DATASTORE > [pipeline] datastore > ./datastore; printed once to stderr.
+fn open_store(flag: &Option<PathBuf>, pipeline: Option<&Pipeline>) -> Result<Store> {
+    let env = std::env::var_os("DATASTORE").filter(|v| !v.is_empty()).map(PathBuf::from);
+    let (root, from) = if let Some(d) = flag {
+        (d.clone(), "--datastore")
+    } else if let Some(d) = env {
+        (d, "$DATASTORE")
+    } else if let Some(d) = pipeline.and_then(|p| p.datastore.clone()) {
+        (d, "[pipeline] datastore")
+    } else {
+        (PathBuf::from(DEFAULT_DATASTORE), "default")
+    };
+    let store = Store::open(&root).with_context(|| format!("cannot open the datastore {}", root.display()))?;
+    tracing::info!("datastore: {} ({from})", store.root().display());
+    Ok(store)
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn plan_of(p: &Pipeline, registry: &Registry, store: &Store, force: &[String]) -> Result<engine::plan::Plan> {
+    for f in force {
+        if p.stage(f).is_none() {
+            bail!("--force {f}: no stage `{f}` in {}", p.file.display());
+        }
+    }
+    let opts = PlanOptions { force: force.iter().cloned().collect() };
+    Ok(engine::plan::plan(p, registry, store, &opts)?)
+}
+
+fn dispatch(cli: Cli, registry: &Registry, cancel: Cancel) -> Result<u8> {
+    let ds = cli.datastore.clone();
+    match cli.command {
+        Command::Run { load: l, only, force, jobs, devices, dry_run } => {
+            let p = load(&l, registry)?;
+            for o in &only {
+                if p.stage(o).is_none() {
+                    bail!("--only {o}: no stage `{o}` in {}", p.file.display());
+                }
+            }
+            let store = open_store(&ds, Some(&p))?;
+            let plan = plan_of(&p, registry, &store, &force)?;
+            if dry_run {
+                print!("{}", engine::report::plan_text(&plan));
+                return Ok(0);
+            }
+            let opts = engine::exec::RunOptions { jobs, devices, only: only.into_iter().collect(), cancel };
+            let summary = engine::exec::run(&p, registry, &store, &plan, &opts)?;
+            for (name, outcome) in &summary.stages {
+                let detail = match outcome {
+                    engine::exec::Outcome::Done { seconds, resumed } => {
+                        format!(" in {seconds:.2}s{}", if *resumed { " (resumed)" } else { "" })
+                    }
+                    engine::exec::Outcome::Failed(e) => format!(": {e}"),
+                    engine::exec::Outcome::Blocked(e) => format!(": {e}"),
+                    _ => String::new(),
+                };
+                eprintln!("{:<13}{name}{detail}", outcome.as_str());
+            }
+            eprintln!("results: {}", store.root().join("results").join(&p.name).display());
+            Ok(if summary.cancelled {
+                exit::INTERRUPTED
+            } else if summary.ok() {
+                0
+            } else {
+                exit::FAILED
+            })
+        }
+        Command::Plan { load: l, force, json } => {
+            let p = load(&l, registry)?;
+            let store = open_store(&ds, Some(&p))?;
+            let plan = plan_of(&p, registry, &store, &force)?;
+            if json {
+                print_json(&engine::report::plan_json(&plan));
+            } else {
+                print!("{}", engine::report::plan_text(&plan));
+            }
+            Ok(0)
+        }
+        Command::Status { load: l, json } => {
+            let p = load(&l, registry)?;
+            let store = open_store(&ds, Some(&p))?;
+            let plan = plan_of(&p, registry, &store, &[])?;
+            if json {
+                print_json(&engine::report::status_json(&plan));
+            } else {
+                print!("{}", engine::report::status_text(&plan));
+            }
+            Ok(0)
+        }
+        Command::Graph { load: l, format } => {
+            let p = load(&l, registry)?;
+            let f = match format {
+                GraphFormatArg::Text => engine::graph::GraphFormat::Text,
+                GraphFormatArg::Dot => engine::graph::GraphFormat::Dot,
+                GraphFormatArg::Mermaid => engine::graph::GraphFormat::Mermaid,
+            };
+            print!("{}", engine::graph::render(&p, f));
+            Ok(0)
+        }
+        Command::Show { load: l, stage, json } => {
+            let p = load(&l, registry)?;
+            if p.stage(&stage).is_none() {
+                let names: Vec<&str> = p.stages.iter().map(|s| s.name.as_str()).collect();
+                bail!("no stage `{stage}` in {}; stages: {}", l.file.display(), names.join(", "));
+            }
+            let store = open_store(&ds, Some(&p))?;
+            let plan = plan_of(&p, registry, &store, &[])?;
+            let v = engine::report::show_json(&p, &plan, &stage).context("stage vanished")?;
+            if json {
+                print_json(&v);
+            } else {
+                print!("{}", engine::report::show_text(&v));
+            }
+            Ok(0)
+        }
+        Command::Diff { a, b, json } => {
+            let pa = engine::config::load(&a, &[], registry)?;
+            let pb = engine::config::load(&b, &[], registry)?;
+            let store = open_store(&ds, Some(&pa))?;
+            let la = plan_of(&pa, registry, &store, &[])?;
+            let lb = plan_of(&pb, registry, &store, &[])?;
+            let v = engine::report::diff_json((&pa, &la), (&pb, &lb));
+            if json {
+                print_json(&v);
+            } else {
+                print!("{}", engine::report::diff_text(&v));
+            }
+            Ok(0)
+        }
+        Command::Gc { keep, keep_days, dry_run, json } => {
+            let pipes: Vec<Pipeline> =
+                keep.iter().map(|f| engine::config::load(f, &[], registry)).collect::<Result<_, _>>()?;
+            let store = open_store(&ds, pipes.first())?;
+            let plans: Vec<_> = pipes.iter().map(|p| plan_of(p, registry, &store, &[])).collect::<Result<_>>()?;
+            let keep = engine::report::gc_keep(&store, &plans, keep_days);
+            let r = store.gc(&keep, dry_run)?;
+            if json {
+                print_json(&engine::report::gc_json(&r, dry_run));
+            } else {
+                print!("{}", engine::report::gc_text(&r, dry_run));
+            }
+            Ok(0)
+        }
+        Command::Verify { file, set, json } => {
+            let p = match &file {
+                Some(f) => Some(engine::config::load(f, &set, registry)?),
+                None => None,
+            };
+            let store = open_store(&ds, p.as_ref())?;
+            let only: Option<BTreeSet<engine::Key>> = match &p {
+                Some(p) => Some(plan_of(p, registry, &store, &[])?.stages.iter().map(|s| s.key).collect()),
+                None => None,
+            };
+            let entries = store.verify(only.as_ref());
+            if json {
+                print_json(&engine::report::verify_json(&entries));
+            } else {
+                print!("{}", engine::report::verify_text(&entries, store.root()));
+            }
+            Ok(if entries.iter().any(|e| !e.problems.is_empty()) { exit::FAILED } else { 0 })
+        }
+        Command::Schema => {
+            print!("{}", engine::schema::pipeline_schema_string(registry));
+            Ok(0)
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "pipe", &mut std::io::stdout());
+            Ok(0)
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! Interruption: kill -9 and Ctrl-C mid-stage, resume, and concurrent runs sharing a stage.
+
+use std::time::{Duration, Instant};
+
+use crate::support::{Env, read};
+
+const SLOW: &str = r#"
+[pipeline]
+name = "slow"
+
+[stages.src]
+kind = "emit"
+chunks = 12
+chunk_bytes = 4096
+seed = 7
+delay_ms = 40
+
+[stages.other]
+kind = "emit"
+chunks = 6
+seed = 8
+delay_ms = 40
+
+[stages.sink]
+kind = "combine"
+parts = ["src", "other"]
+"#;
+
+/// A small deterministic generator so the kill times vary by seed but are reproducible.
+fn lcg(seed: u64) -> impl FnMut() -> u64 {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    move || {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        x >> 33
+    }
+}
+
+fn outputs(env: &Env) -> Vec<Vec<u8>> {
+    ["src", "other", "sink"].iter().map(|s| read(&env.out("p.toml", s).join("data.bin"))).collect()
+}
+
+#[test]
+fn kill_9_at_random_moments_then_rerun_gives_identical_outputs() {
+    let reference = Env::new();
+    reference.write("p.toml", SLOW);
+    reference.ok(&["run", "p.toml", "--jobs", "2"]);
+    let want = outputs(&reference);
+
+    for seed in 1..=5u64 {
+        let env = Env::new();
+        env.write("p.toml", SLOW);
+        let mut rng = lcg(seed);
+        // Kill several times per seed, at moments spread over the ~0.5 s the run takes.
+        for _ in 0..3 {
+            let mut child = env.spawn(&["run", "p.toml", "--jobs", "2"]);
+            std::thread::sleep(Duration::from_millis(20 + rng() % 450));
+            let _ = child.kill(); // SIGKILL
+            let _ = child.wait();
+        }
+        env.ok(&["run", "p.toml", "--jobs", "2"]);
+        assert_eq!(outputs(&env), want, "seed {seed}: outputs differ from an uninterrupted run");
+        let v = env.ok(&["verify"]);
+        assert!(v.contains("all intact"), "seed {seed}: {v}");
+        let st = env.json(&["status", "p.toml"]);
+        assert!(st["stages"].as_array().unwrap().iter().all(|s| s["state"] == "cached"));
+    }
+}
+
+#[test]
+fn a_killed_stage_resumes_from_its_checkpoints() {
+    let env = Env::new();
+    env.write("p.toml", SLOW);
+    let mut child = env.spawn(&["run", "p.toml", "--only", "src"]);
+    // Wait until a few chunks are checkpointed, then kill.
+    let t0 = Instant::now();
+    loop {
+        let st = env.json(&["status", "p.toml"]);
+        let src = &st["stages"][0];
+        if src["state"] == "partial" && src["progress"]["done"].as_u64().unwrap_or(0) >= 3 {
+            assert_eq!(src["progress"]["total"], 12);
+            assert_eq!(src["progress"]["unit"], "chunks");
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "no progress: {st}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let plan = env.json(&["plan", "p.toml"]);
+    assert_eq!(plan["stages"][0]["action"], "resume");
+    assert!(plan["stages"][0]["reasons"][0].as_str().unwrap().contains("resuming an interrupted attempt at"));
+    env.ok(&["run", "p.toml"]);
+    let ev = env.events();
+    let src_key = plan["stages"][0]["key"].as_str().unwrap();
+    assert!(ev.iter().any(|l| l == &format!("emit {src_key} resume")), "{ev:?}");
+    // The resumed attempt did not redo checkpointed chunks: the log of the object shows it.
+    let log = std::fs::read_to_string(env.out("p.toml", "src").parent().unwrap().join("log.txt")).unwrap();
+    let written = log.matches("chunk ").count();
+    assert_eq!(written, 12, "every chunk is written exactly once across attempts:\n{log}");
+}
+
+#[test]
+fn ctrl_c_stops_cleanly_and_leaves_a_resumable_partial() {
+    let env = Env::new();
+    env.write("p.toml", SLOW);
+    let child = env.spawn(&["run", "p.toml"]);
+    std::thread::sleep(Duration::from_millis(250));
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+    let st = env.json(&["status", "p.toml"]);
+    assert_eq!(st["stages"][0]["state"], "partial", "{st}");
+    env.ok(&["run", "p.toml"]);
+    let st = env.json(&["status", "p.toml"]);
+    assert!(st["stages"].as_array().unwrap().iter().all(|s| s["state"] == "cached"));
+}
+
+#[test]
+fn two_concurrent_runs_sharing_a_stage_compute_it_once() {
+    let env = Env::new();
+    let shared = "[stages.shared]\nkind = \"emit\"\nchunks = 8\ndelay_ms = 30\nseed = 3\n";
+    env.write("one.toml", &format!("[pipeline]\nname = \"one\"\n{shared}[stages.x]\nkind = \"combine\"\nparts = [\"shared\"]\nsalt = \"1\"\n"));
+    env.write("two.toml", &format!("[pipeline]\nname = \"two\"\n{shared}[stages.y]\nkind = \"combine\"\nparts = [\"shared\"]\nsalt = \"2\"\n"));
+    let a = env.spawn(&["run", "one.toml"]);
+    let b = env.spawn(&["run", "two.toml"]);
+    for c in [a, b] {
+        let o = c.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let ev = env.events();
+    assert_eq!(ev.iter().filter(|l| l.starts_with("emit ") && l.ends_with(" start")).count(), 1, "{ev:?}");
+    assert_eq!(ev.iter().filter(|l| l.starts_with("combine ") && l.ends_with(" done")).count(), 2, "{ev:?}");
+    assert_eq!(read(&env.out("one.toml", "shared").join("data.bin")), read(&env.out("two.toml", "shared").join("data.bin")));
+}
