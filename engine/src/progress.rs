@@ -11,7 +11,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use crate::store::{ProgressSnapshot, rfc3339, write_json};
 
 /// Persist at most this often; a killed run loses at most this much progress display (never data).
-const PERSIST_EVERY: Duration = Duration::from_secs(1);
+const PERSIST_EVERY: Duration = Duration::from_millis(200);
 /// Without a terminal, one plain line per stage at most this often.
 const LINE_EVERY: Duration = Duration::from_secs(10);
 

@@ -306,7 +306,7 @@ pub fn gc_keep(store: &Store, keep: &[Plan], keep_days: u64) -> BTreeSet<Key> {
     let horizon = std::time::SystemTime::now() - std::time::Duration::from_secs(keep_days * 86_400);
     let horizon = crate::store::rfc3339(horizon);
     for r in store.all_runs() {
-        let recent = r.status == "running" || r.finished.as_deref().is_some_and(|f| f >= horizon.as_str());
+        let recent = r.status == "running" || r.finished.as_deref().is_some_and(|f| f > horizon.as_str());
         if recent {
             out.extend(r.stages.values().filter_map(|s| Key::parse(&s.key)));
         }

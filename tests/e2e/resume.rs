@@ -13,7 +13,7 @@ kind = "emit"
 chunks = 12
 chunk_bytes = 4096
 seed = 7
-delay_ms = 40
+delay_ms = 60
 
 [stages.other]
 kind = "emit"
@@ -32,6 +32,25 @@ fn lcg(seed: u64) -> impl FnMut() -> u64 {
     move || {
         x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         x >> 33
+    }
+}
+
+/// The `pipe status --json` entry of one stage.
+fn stage_status(env: &Env, stage: &str) -> serde_json::Value {
+    let st = env.json(&["status", "p.toml"]);
+    st["stages"].as_array().unwrap().iter().find(|s| s["name"] == stage).unwrap().clone()
+}
+
+/// Polls `pipe status` until `stage` is a partial with at least `done` units checkpointed.
+fn wait_for_progress(env: &Env, stage: &str, done: u64) -> serde_json::Value {
+    let t0 = Instant::now();
+    loop {
+        let s = stage_status(env, stage);
+        if s["state"] == "partial" && s["progress"]["done"].as_u64().unwrap_or(0) >= done {
+            return s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "no progress: {s}");
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -72,26 +91,18 @@ fn a_killed_stage_resumes_from_its_checkpoints() {
     env.write("p.toml", SLOW);
     let mut child = env.spawn(&["run", "p.toml", "--only", "src"]);
     // Wait until a few chunks are checkpointed, then kill.
-    let t0 = Instant::now();
-    loop {
-        let st = env.json(&["status", "p.toml"]);
-        let src = &st["stages"][0];
-        if src["state"] == "partial" && src["progress"]["done"].as_u64().unwrap_or(0) >= 3 {
-            assert_eq!(src["progress"]["total"], 12);
-            assert_eq!(src["progress"]["unit"], "chunks");
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(20), "no progress: {st}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let src = wait_for_progress(&env, "src", 3);
+    assert_eq!(src["progress"]["total"], 12);
+    assert_eq!(src["progress"]["unit"], "chunks");
     child.kill().unwrap();
     child.wait().unwrap();
     let plan = env.json(&["plan", "p.toml"]);
-    assert_eq!(plan["stages"][0]["action"], "resume");
-    assert!(plan["stages"][0]["reasons"][0].as_str().unwrap().contains("resuming an interrupted attempt at"));
+    let src = plan["stages"].as_array().unwrap().iter().find(|s| s["name"] == "src").unwrap().clone();
+    assert_eq!(src["action"], "resume");
+    assert!(src["reasons"][0].as_str().unwrap().contains("resuming an interrupted attempt at"), "{src}");
     env.ok(&["run", "p.toml"]);
     let ev = env.events();
-    let src_key = plan["stages"][0]["key"].as_str().unwrap();
+    let src_key = src["key"].as_str().unwrap();
     assert!(ev.iter().any(|l| l == &format!("emit {src_key} resume")), "{ev:?}");
     // The resumed attempt did not redo checkpointed chunks: the log of the object shows it.
     let log = std::fs::read_to_string(env.out("p.toml", "src").parent().unwrap().join("log.txt")).unwrap();
@@ -104,12 +115,12 @@ fn ctrl_c_stops_cleanly_and_leaves_a_resumable_partial() {
     let env = Env::new();
     env.write("p.toml", SLOW);
     let child = env.spawn(&["run", "p.toml"]);
-    std::thread::sleep(Duration::from_millis(250));
+    wait_for_progress(&env, "src", 2);
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
-    let st = env.json(&["status", "p.toml"]);
-    assert_eq!(st["stages"][0]["state"], "partial", "{st}");
+    let src = stage_status(&env, "src");
+    assert_eq!(src["state"], "partial", "{src}");
     env.ok(&["run", "p.toml"]);
     let st = env.json(&["status", "p.toml"]);
     assert!(st["stages"].as_array().unwrap().iter().all(|s| s["state"] == "cached"));

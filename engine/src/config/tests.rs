@@ -740,7 +740,7 @@ fn topological_order_deterministic() {
 fn stage_location_and_description() {
     let p = ok(&GOOD.replace("name = \"tiny\"", "name = \"tiny\"\ndescription = \"d\""), &[]);
     assert_eq!(p.description, "d");
-    assert_eq!(p.stage("train").expect("train").at.to_string(), "pipelines/x.toml:16:9");
+    assert_eq!(p.stage("train").expect("train").at.to_string(), "pipelines/x.toml:17:9");
     assert_eq!(ok(GOOD, &[]).description, "");
 }
 
@@ -812,6 +812,42 @@ fn garbage_never_panics() {
                 }
                 let _ = e.to_string();
             }
+        }
+    }
+}
+
+/// Pseudo-random token soup (deterministic) never panics. `PIPE_FUZZ_ITERS` runs more rounds.
+#[test]
+fn random_inputs_never_panic() {
+    const TOKENS: &[&str] = &[
+        "[pipeline]", "[stages.a]", "[stages.b]", "[[stages]]", "[stages]", "\n", "\n", " ", "=", ".", "\"",
+        "'", "name", "kind", "\"sink\"", "\"source\"", "\"train\"", "from", "activations", "data", "seed",
+        "k", "opt", "{", "}", "[", "]", ",", "1", "-1", "0x7f", "1e400", "nan", "\"a\"", "\"b\"", "\"${X}\"",
+        "\"${DATA}\"", "\"~/x\"", "extends", "\"x.toml\"", "datastore", "#", "\"\"\"", "é", "\u{1F600}", "\r",
+        "\t", "\\", "true", "1979-05-27",
+    ];
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let iters: usize = std::env::var("PIPE_FUZZ_ITERS").ok().and_then(|s| s.parse().ok()).unwrap_or(2000);
+    for _ in 0..iters {
+        let n = (next() % 40) as usize;
+        let text: String = (0..n).map(|_| TOKENS[(next() % TOKENS.len() as u64) as usize]).collect();
+        let m = (next() % 3) as usize;
+        let overrides: Vec<String> = (0..m)
+            .map(|_| (0..(next() % 6)).map(|_| TOKENS[(next() % TOKENS.len() as u64) as usize]).collect())
+            .collect();
+        let overrides: Vec<&str> = overrides.iter().map(String::as_str).collect();
+        if let Err(e) = load(&text, &overrides) {
+            let _ = e.to_string();
+        }
+        let valid = format!("[pipeline]\nname = \"x\"\n{text}");
+        if let Err(e) = load(&valid, &overrides) {
+            let _ = e.to_string();
         }
     }
 }
