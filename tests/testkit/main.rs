@@ -40,11 +40,14 @@ struct EmitParams {
     seed: u64,
     /// Sleep after each chunk, so tests can kill mid-stage.
     delay_ms: u64,
+    /// Output files: 0 writes one `data.bin`; n > 0 writes chunk i to `parts/<i % n>/chunk-<i>.bin`
+    /// instead (for benchmarks over many files).
+    files: u32,
 }
 
 impl Default for EmitParams {
     fn default() -> Self {
-        Self { chunks: 4, chunk_bytes: 1024, seed: 0, delay_ms: 0 }
+        Self { chunks: 4, chunk_bytes: 1024, seed: 0, delay_ms: 0, files: 0 }
     }
 }
 
@@ -89,6 +92,16 @@ impl Stage for Emit {
             write_atomic(&ck, &buf)?;
             ctx.progress().inc(1);
             tracing::info!("chunk {i} written");
+        }
+        if p.files > 0 {
+            for i in 0..p.chunks {
+                let dir = ctx.out_dir().join("parts").join((i % p.files).to_string());
+                fs::create_dir_all(&dir)?;
+                let ck = ctx.work_dir().join(format!("chunk-{i}.bin"));
+                fs::rename(&ck, dir.join(format!("chunk-{i}.bin")))?;
+            }
+            event(ctx, "emit", "done");
+            return Ok(());
         }
         let mut all = Vec::new();
         for i in 0..p.chunks {
