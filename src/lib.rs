@@ -203,7 +203,7 @@ pub fn main_with(registry: Registry) -> ExitCode {
 fn init_logging(verbose: u8, quiet: bool) {
     let level = match (quiet, verbose) {
         (true, _) => "warn",
-        (_, 0) => "warn,pipe=info,engine::exec=info",
+        (_, 0) => "warn,engine=info",
         (_, 1) => "info",
         _ => "debug",
     };
@@ -236,7 +236,7 @@ fn load(l: &Load, registry: &Registry) -> Result<Pipeline> {
 }
 
 /// --datastore > $DATASTORE > [pipeline] datastore > ./datastore; printed once to stderr.
-fn open_store(flag: &Option<PathBuf>, pipeline: Option<&Pipeline>) -> Result<Store> {
+fn open_store(flag: &Option<PathBuf>, quiet: bool, pipeline: Option<&Pipeline>) -> Result<Store> {
     let env = std::env::var_os("DATASTORE").filter(|v| !v.is_empty()).map(PathBuf::from);
     let (root, from) = if let Some(d) = flag {
         (d.clone(), "--datastore")
@@ -248,7 +248,9 @@ fn open_store(flag: &Option<PathBuf>, pipeline: Option<&Pipeline>) -> Result<Sto
         (PathBuf::from(DEFAULT_DATASTORE), "default")
     };
     let store = Store::open(&root).with_context(|| format!("cannot open the datastore {}", root.display()))?;
-    tracing::info!("datastore: {} ({from})", store.root().display());
+    if !quiet {
+        eprintln!("datastore: {} ({from})", store.root().display());
+    }
     Ok(store)
 }
 
@@ -268,6 +270,7 @@ fn plan_of(p: &Pipeline, registry: &Registry, store: &Store, force: &[String]) -
 
 fn dispatch(cli: Cli, registry: &Registry, cancel: Cancel) -> Result<u8> {
     let ds = cli.datastore.clone();
+    let quiet = cli.quiet;
     match cli.command {
         Command::Run { load: l, only, force, jobs, devices, dry_run } => {
             let p = load(&l, registry)?;
@@ -276,7 +279,7 @@ fn dispatch(cli: Cli, registry: &Registry, cancel: Cancel) -> Result<u8> {
                     bail!("--only {o}: no stage `{o}` in {}", p.file.display());
                 }
             }
-            let store = open_store(&ds, Some(&p))?;
+            let store = open_store(&ds, quiet, Some(&p))?;
             let plan = plan_of(&p, registry, &store, &force)?;
             if dry_run {
                 print!("{}", engine::report::plan_text(&plan));
@@ -306,7 +309,7 @@ fn dispatch(cli: Cli, registry: &Registry, cancel: Cancel) -> Result<u8> {
         }
         Command::Plan { load: l, force, json } => {
             let p = load(&l, registry)?;
-            let store = open_store(&ds, Some(&p))?;
+            let store = open_store(&ds, quiet, Some(&p))?;
             let plan = plan_of(&p, registry, &store, &force)?;
             if json {
                 print_json(&engine::report::plan_json(&plan));
@@ -317,7 +320,7 @@ fn dispatch(cli: Cli, registry: &Registry, cancel: Cancel) -> Result<u8> {
         }
         Command::Status { load: l, json } => {
             let p = load(&l, registry)?;
-            let store = open_store(&ds, Some(&p))?;
+            let store = open_store(&ds, quiet, Some(&p))?;
             let plan = plan_of(&p, registry, &store, &[])?;
             if json {
                 print_json(&engine::report::status_json(&plan));
@@ -342,7 +345,7 @@ fn dispatch(cli: Cli, registry: &Registry, cancel: Cancel) -> Result<u8> {
                 let names: Vec<&str> = p.stages.iter().map(|s| s.name.as_str()).collect();
                 bail!("no stage `{stage}` in {}; stages: {}", l.file.display(), names.join(", "));
             }
-            let store = open_store(&ds, Some(&p))?;
+            let store = open_store(&ds, quiet, Some(&p))?;
             let plan = plan_of(&p, registry, &store, &[])?;
             let v = engine::report::show_json(&p, &plan, &stage).context("stage vanished")?;
             if json {
@@ -355,7 +358,7 @@ fn dispatch(cli: Cli, registry: &Registry, cancel: Cancel) -> Result<u8> {
         Command::Diff { a, b, json } => {
             let pa = engine::config::load(&a, &[], registry)?;
             let pb = engine::config::load(&b, &[], registry)?;
-            let store = open_store(&ds, Some(&pa))?;
+            let store = open_store(&ds, quiet, Some(&pa))?;
             let la = plan_of(&pa, registry, &store, &[])?;
             let lb = plan_of(&pb, registry, &store, &[])?;
             let v = engine::report::diff_json((&pa, &la), (&pb, &lb));
@@ -369,7 +372,7 @@ fn dispatch(cli: Cli, registry: &Registry, cancel: Cancel) -> Result<u8> {
         Command::Gc { keep, keep_days, dry_run, json } => {
             let pipes: Vec<Pipeline> =
                 keep.iter().map(|f| engine::config::load(f, &[], registry)).collect::<Result<_, _>>()?;
-            let store = open_store(&ds, pipes.first())?;
+            let store = open_store(&ds, quiet, pipes.first())?;
             let plans: Vec<_> = pipes.iter().map(|p| plan_of(p, registry, &store, &[])).collect::<Result<_>>()?;
             let keep = engine::report::gc_keep(&store, &plans, keep_days);
             let r = store.gc(&keep, dry_run)?;
@@ -385,7 +388,7 @@ fn dispatch(cli: Cli, registry: &Registry, cancel: Cancel) -> Result<u8> {
                 Some(f) => Some(engine::config::load(f, &set, registry)?),
                 None => None,
             };
-            let store = open_store(&ds, p.as_ref())?;
+            let store = open_store(&ds, quiet, p.as_ref())?;
             let only: Option<BTreeSet<engine::Key>> = match &p {
                 Some(p) => Some(plan_of(p, registry, &store, &[])?.stages.iter().map(|s| s.key).collect()),
                 None => None,

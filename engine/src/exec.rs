@@ -319,7 +319,7 @@ fn execute(
     device: String,
     cancel: Cancel,
 ) -> (Outcome, Option<Object>) {
-    let span = tracing::info_span!("stage", name = %s.name, kind = %s.kind, key = %s.key.hex());
+    let span = tracing::info_span!("stage", name = %s.name);
     let _enter = span.enter();
     let fail = |e: &dyn std::fmt::Display| {
         tracing::error!(stage = %s.name, "{e}");
@@ -348,8 +348,7 @@ fn execute(
         Ok(w) => w,
         Err(e) => return fail(&e),
     };
-    let key_hex = s.key.hex();
-    if let Err(e) = crate::logging::open(&key_hex, &work.log) {
+    if let Err(e) = crate::logging::open(&s.name, &work.log) {
         tracing::warn!("cannot open the stage log {}: {e}", work.log.display());
     }
     let decl = p.stage(&s.name);
@@ -402,7 +401,7 @@ fn execute(
             };
             let secs = t0.elapsed().as_secs_f64();
             tracing::info!("finished {} in {secs:.2}s", s.name);
-            crate::logging::close(&key_hex);
+            crate::logging::close(&s.name);
             match store.publish(work, info, &lock) {
                 Ok(obj) => (Outcome::Done { seconds: secs, resumed }, Some(obj)),
                 Err(e) => fail(&e),
@@ -418,7 +417,7 @@ fn execute(
             (Outcome::Failed(msg), None)
         }
     };
-    crate::logging::close(&key_hex);
+    crate::logging::close(&s.name);
     drop(lock);
     out
 }

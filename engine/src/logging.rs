@@ -22,16 +22,17 @@ fn files() -> &'static Mutex<HashMap<String, File>> {
     F.get_or_init(Default::default)
 }
 
-/// Starts copying the events of the stage span whose `key` field is `key` to `path` (appending:
-/// a resumed attempt keeps the earlier attempts' lines).
-pub(crate) fn open(key: &str, path: &Path) -> std::io::Result<()> {
+/// Starts copying the events of the stage span whose `name` field is `stage` to `path`
+/// (appending: a resumed attempt keeps the earlier attempts' lines). Stage names are unique within
+/// the one pipeline a process runs.
+pub(crate) fn open(stage: &str, path: &Path) -> std::io::Result<()> {
     let f = OpenOptions::new().create(true).append(true).open(path)?;
-    files().lock().unwrap_or_else(|p| p.into_inner()).insert(key.to_string(), f);
+    files().lock().unwrap_or_else(|p| p.into_inner()).insert(stage.to_string(), f);
     Ok(())
 }
 
-pub(crate) fn close(key: &str) {
-    if let Some(f) = files().lock().unwrap_or_else(|p| p.into_inner()).remove(key) {
+pub(crate) fn close(stage: &str) {
+    if let Some(f) = files().lock().unwrap_or_else(|p| p.into_inner()).remove(stage) {
         let _ = f.sync_all();
     }
 }
@@ -43,13 +44,25 @@ struct StageKey(String);
 
 #[derive(Default)]
 struct Fields {
+    /// Reading a span's fields (where `name` is the stage name) rather than an event's.
+    span: bool,
     key: Option<String>,
     text: String,
 }
 
+/// `Display`s a `Debug` value without the quotes `Debug` puts around strings.
+struct DebugStr<'a>(&'a dyn std::fmt::Debug);
+
+impl std::fmt::Display for DebugStr<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = format!("{:?}", self.0);
+        f.write_str(s.trim_matches('"'))
+    }
+}
+
 impl Visit for Fields {
     fn record_str(&mut self, field: &Field, value: &str) {
-        if field.name() == "key" {
+        if field.name() == "name" && self.span {
             self.key = Some(value.to_string());
         } else if field.name() == "message" {
             self.text.insert_str(0, value);
@@ -58,8 +71,8 @@ impl Visit for Fields {
         }
     }
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        if field.name() == "key" {
-            self.key = Some(format!("{value:?}"));
+        if field.name() == "name" && self.span {
+            self.key = Some(format!("{value}", value = DebugStr(value)));
         } else if field.name() == "message" {
             self.text.insert_str(0, &format!("{value:?}"));
         } else {
@@ -76,7 +89,7 @@ where
         if attrs.metadata().name() != "stage" {
             return;
         }
-        let mut v = Fields::default();
+        let mut v = Fields { span: true, ..Fields::default() };
         attrs.record(&mut v);
         if let (Some(key), Some(span)) = (v.key, ctx.span(id)) {
             span.extensions_mut().insert(StageKey(key));
