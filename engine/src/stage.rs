@@ -296,12 +296,21 @@ impl<S: Stage> DynStage for Erased<S> {
         generator.root_schema_for::<S::Params>()
     }
     fn canonical_params(&self, table: toml::Table) -> Result<Canon, ParamError> {
+        // serde_json turns NaN into null, so non-finite floats are refused before they get there.
+        if let Some(path) = non_finite(&toml::Value::Table(table.clone()), &mut Vec::new()) {
+            return Err(ParamError {
+                path,
+                message: "nan and inf are not allowed: parameters must be finite numbers".into(),
+            });
+        }
         let params: S::Params = serde_path_to_error::deserialize(toml::Value::Table(table))
             .map_err(|e| {
                 let mut path = path_of(e.path());
                 let message = e.inner().message().to_string();
-                // serde reports an unknown field at its parent; name the field itself.
-                if let Some(field) = unknown_field(&message) {
+                // Some deserializers report an unknown field at its parent; name the field itself.
+                if let Some(field) = unknown_field(&message)
+                    && path.last() != Some(&field)
+                {
                     path.push(field);
                 }
                 ParamError { path, message }
@@ -317,6 +326,26 @@ impl<S: Stage> DynStage for Erased<S> {
         let params: S::Params = serde_json::from_value(params.to_json())
             .map_err(|e| StageError::failed(format!("stored parameters do not deserialize: {e}")))?;
         self.stage.run(&params, ctx)
+    }
+}
+
+/// The path of the first NaN or infinite float in a TOML value.
+fn non_finite(v: &toml::Value, path: &mut Vec<String>) -> Option<Vec<String>> {
+    match v {
+        toml::Value::Float(x) if !x.is_finite() => Some(path.clone()),
+        toml::Value::Array(a) => a.iter().enumerate().find_map(|(i, x)| {
+            path.push(i.to_string());
+            let r = non_finite(x, path);
+            path.pop();
+            r
+        }),
+        toml::Value::Table(t) => t.iter().find_map(|(k, x)| {
+            path.push(k.clone());
+            let r = non_finite(x, path);
+            path.pop();
+            r
+        }),
+        _ => None,
     }
 }
 
@@ -361,5 +390,71 @@ impl Registry {
     }
     pub fn kind_names(&self) -> Vec<&'static str> {
         self.kinds.keys().copied().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Serialize, serde::Deserialize, JsonSchema)]
+    #[serde(deny_unknown_fields, default)]
+    struct P {
+        lr: f64,
+        k: u32,
+        opt: Opt,
+    }
+    #[derive(Serialize, serde::Deserialize, JsonSchema, Default)]
+    #[serde(deny_unknown_fields, default)]
+    struct Opt {
+        betas: Vec<f64>,
+    }
+    impl Default for P {
+        fn default() -> Self {
+            Self { lr: 1e-3, k: 100, opt: Opt::default() }
+        }
+    }
+    struct K;
+    impl Stage for K {
+        type Params = P;
+        const KIND: &'static str = "k";
+        const VERSION: u32 = 1;
+        const DOC: &'static str = "test";
+        fn check(&self, p: &P) -> Result<(), ParamError> {
+            if p.k == 0 { Err(ParamError::new(&["k"], "must be positive")) } else { Ok(()) }
+        }
+        fn run(&self, _: &P, _: &mut StageContext) -> Result<(), StageError> {
+            Ok(())
+        }
+    }
+
+    fn check(toml_text: &str) -> Result<String, (Vec<String>, String)> {
+        let mut r = Registry::new();
+        r.register(K);
+        let table: toml::Table = toml_text.parse().unwrap();
+        r.get("k").unwrap().canonical_params(table).map(|c| c.to_string()).map_err(|e| (e.path, e.message))
+    }
+
+    #[test]
+    fn defaults_fill_in_and_explicit_defaults_change_nothing() {
+        let want = "{k = 100, lr = 0.001, opt = {betas = []}}";
+        assert_eq!(check("").unwrap(), want);
+        assert_eq!(check("k = 100\nlr = 0.001").unwrap(), want);
+    }
+
+    #[test]
+    fn errors_name_the_parameter_path() {
+        assert_eq!(check("k = 0").unwrap_err().0, ["k"]);
+        assert_eq!(check("kk = 1").unwrap_err().0, ["kk"]);
+        assert_eq!(check("k = \"x\"").unwrap_err().0, ["k"]);
+        assert_eq!(check("opt = {betas = [0.9, \"x\"]}").unwrap_err().0, ["opt", "betas", "1"]);
+    }
+
+    #[test]
+    fn nan_and_inf_are_refused_with_their_path() {
+        let (path, msg) = check("opt = {betas = [0.9, nan]}").unwrap_err();
+        assert_eq!(path, ["opt", "betas", "1"]);
+        assert!(msg.contains("finite"), "{msg}");
+        assert_eq!(check("lr = inf").unwrap_err().0, ["lr"]);
     }
 }
