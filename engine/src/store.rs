@@ -527,7 +527,10 @@ impl Store {
         let _guard = self.try_lock_exclusive()?.ok_or(GcError::Busy)?;
         let mut report = GcReport::default();
         for (kind, key, partial, dir) in self.entries() {
-            if keep.contains(&key) {
+            // A work dir whose key is published is left over from a kill between the publishing
+            // rename and the clean-up: garbage even when the key is kept.
+            let leftover = partial && self.object_dir(&kind, &key).join("manifest.json").is_file();
+            if keep.contains(&key) && !leftover {
                 report.kept += 1;
                 continue;
             }
@@ -851,6 +854,19 @@ mod tests {
         assert_eq!(r.bytes_freed, b_bytes);
         assert!(a.dir.exists());
         assert!(store.lookup("emit", &pre(6).key()).unwrap().is_none());
+    }
+
+    #[test]
+    fn gc_removes_a_work_dir_left_beside_its_published_object() {
+        let t = tempfile::tempdir().unwrap();
+        let store = Store::open(t.path()).unwrap();
+        let p = pre(7);
+        publish(&store, &p, b"x");
+        fs::create_dir_all(store.work_root("emit", &p.key()).join("scratch")).unwrap();
+        let r = store.gc(&BTreeSet::from([p.key()]), false).unwrap();
+        assert_eq!(r.removed.len(), 1);
+        assert!(r.removed[0].partial);
+        assert!(store.lookup("emit", &p.key()).unwrap().is_some());
     }
 
     #[test]
