@@ -9,7 +9,7 @@ use crate::config::Pipeline;
 use crate::hash::HashError;
 use crate::key::{self, Canon, Key, PreImage};
 use crate::stage::Registry;
-use crate::store::{Object, Partial, RunRecord, Store, StoreError};
+use crate::store::{Object, Partial, StageRecord, Store, StoreError};
 
 /// Where a stage's key stands in the store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -178,8 +178,7 @@ pub fn plan(p: &Pipeline, registry: &Registry, store: &Store, opts: &PlanOptions
         preimages.push(pre);
     }
 
-    let runs = store.runs(&p.name);
-    let latest = latest_records(&runs);
+    let latest = latest_records(store, p);
     let name_of: BTreeMap<Key, &str> = keys.iter().map(|(n, k)| (*k, *n)).collect();
     let mut stages = Vec::new();
     for (s, pre) in p.stages.iter().zip(preimages) {
@@ -245,14 +244,18 @@ pub fn plan(p: &Pipeline, registry: &Registry, store: &Store, opts: &PlanOptions
     })
 }
 
-/// The newest record of each stage name across a pipeline's runs.
-fn latest_records(runs: &[RunRecord]) -> BTreeMap<&str, &crate::store::StageRecord> {
+/// The newest completed record of each stage of `p` across the pipeline's runs, reading records
+/// newest first and stopping once every stage is found.
+fn latest_records(store: &Store, p: &Pipeline) -> BTreeMap<String, StageRecord> {
     let mut out = BTreeMap::new();
-    for r in runs {
-        for (name, st) in &r.stages {
-            if matches!(st.state.as_str(), "done" | "cached") {
-                out.insert(name.as_str(), st);
+    for run in store.runs_newest_first(&p.name) {
+        for (name, st) in run.stages {
+            if matches!(st.state.as_str(), "done" | "cached") && p.stage(&name).is_some() {
+                out.entry(name).or_insert(st);
             }
+        }
+        if out.len() == p.stages.len() {
+            break;
         }
     }
     out

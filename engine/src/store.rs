@@ -193,7 +193,6 @@ pub struct ProgressSnapshot {
 pub struct Partial {
     pub dir: PathBuf,
     pub progress: Option<ProgressSnapshot>,
-    pub bytes: u64,
 }
 
 /// An exclusive per-key lock, released when dropped or when the process dies.
@@ -286,8 +285,7 @@ impl Store {
             return None;
         }
         let progress = read_json(&dir.join("progress.json")).ok().flatten();
-        let bytes = dir_size(&dir);
-        Some(Partial { dir, progress, bytes })
+        Some(Partial { dir, progress })
     }
 
     fn lock_file(&self, name: &str) -> Result<File, StoreError> {
@@ -460,30 +458,17 @@ impl Store {
         Ok(self.runs_dir(pipeline).join(format!("{ts}-{}-{}.json", std::process::id(), unique() % 1000)))
     }
 
-    /// Run records of a pipeline, oldest first; unreadable records are skipped with a warning.
-    pub fn runs(&self, pipeline: &str) -> Vec<RunRecord> {
-        if check_name("pipeline", pipeline).is_err() {
-            return Vec::new();
-        }
-        self.read_runs(&self.runs_dir(pipeline))
+    /// Run records of a pipeline, newest first, read lazily (a long history costs only what the
+    /// caller consumes); unreadable records are skipped with a warning.
+    pub fn runs_newest_first(&self, pipeline: &str) -> impl Iterator<Item = RunRecord> + use<> {
+        let mut paths =
+            if check_name("pipeline", pipeline).is_ok() { record_paths(&self.runs_dir(pipeline)) } else { Vec::new() };
+        paths.reverse();
+        paths.into_iter().filter_map(|p| read_record(&p))
     }
 
     fn read_runs(&self, dir: &Path) -> Vec<RunRecord> {
-        let mut paths: Vec<PathBuf> = fs::read_dir(dir)
-            .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).collect())
-            .unwrap_or_default();
-        paths.retain(|p| p.extension().is_some_and(|e| e == "json"));
-        paths.sort();
-        paths
-            .iter()
-            .filter_map(|p| match read_json::<RunRecord>(p) {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!("skipping unreadable run record: {e}");
-                    None
-                }
-            })
-            .collect()
+        record_paths(dir).iter().filter_map(|p| read_record(p)).collect()
     }
 
     /// Every run record in the store, all pipelines.
@@ -588,6 +573,26 @@ impl Store {
                 problems: verify_object(dir, key),
             })
             .collect()
+    }
+}
+
+/// Record files of one pipeline, oldest first (names start with the UTC start time).
+fn record_paths(dir: &Path) -> Vec<PathBuf> {
+    let mut paths: Vec<PathBuf> = fs::read_dir(dir)
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    paths.retain(|p| p.extension().is_some_and(|e| e == "json"));
+    paths.sort();
+    paths
+}
+
+fn read_record(p: &Path) -> Option<RunRecord> {
+    match read_json::<RunRecord>(p) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!("skipping unreadable run record: {e}");
+            None
+        }
     }
 }
 
