@@ -64,7 +64,9 @@ struct Load {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run a pipeline: skip cached stages, resume partial ones, run the rest.
-    #[command(after_help = "Examples:\n  pipe run pipelines/tiny.toml\n  pipe run exp.toml --only train --jobs 2 --devices cuda:0,cuda:1\n  pipe run exp.toml --force plot --dry-run")]
+    #[command(
+        after_help = "Examples:\n  pipe run pipelines/tiny.toml\n  pipe run exp.toml --only train --jobs 2 --devices cuda:0,cuda:1\n  pipe run exp.toml --force plot --dry-run"
+    )]
     Run {
         #[command(flatten)]
         load: Load,
@@ -157,7 +159,9 @@ enum Command {
     /// Print the JSON Schema of pipeline files.
     Schema,
     /// Print shell completions.
-    #[command(after_help = "Example:\n  pipe completions bash > ~/.local/share/bash-completion/completions/pipe")]
+    #[command(
+        after_help = "Example:\n  pipe completions bash > ~/.local/share/bash-completion/completions/pipe"
+    )]
     Completions { shell: clap_complete::Shell },
 }
 
@@ -191,7 +195,7 @@ pub fn main_with(registry: Registry) -> ExitCode {
         Err(e) => {
             let _ = std::io::stdout().flush();
             if let Some(c) = e.downcast_ref::<engine::config::ConfigErrors>() {
-                eprint!("{c}");
+                eprintln!("{c}");
             } else {
                 eprintln!("error: {e:#}");
             }
@@ -247,7 +251,8 @@ fn open_store(flag: &Option<PathBuf>, quiet: bool, pipeline: Option<&Pipeline>) 
     } else {
         (PathBuf::from(DEFAULT_DATASTORE), "default")
     };
-    let store = Store::open(&root).with_context(|| format!("cannot open the datastore {}", root.display()))?;
+    let store =
+        Store::open(&root).with_context(|| format!("cannot open the datastore {}", root.display()))?;
     if !quiet {
         eprintln!("datastore: {} ({from})", store.root().display());
     }
@@ -373,7 +378,8 @@ fn dispatch(cli: Cli, registry: &Registry, cancel: Cancel) -> Result<u8> {
             let pipes: Vec<Pipeline> =
                 keep.iter().map(|f| engine::config::load(f, &[], registry)).collect::<Result<_, _>>()?;
             let store = open_store(&ds, quiet, pipes.first())?;
-            let plans: Vec<_> = pipes.iter().map(|p| plan_of(p, registry, &store, &[])).collect::<Result<_>>()?;
+            let plans: Vec<_> =
+                pipes.iter().map(|p| plan_of(p, registry, &store, &[])).collect::<Result<_>>()?;
             let keep = engine::report::gc_keep(&store, &plans, keep_days);
             let r = store.gc(&keep, dry_run)?;
             if json {

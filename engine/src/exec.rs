@@ -12,7 +12,9 @@ use crate::graph::Dag;
 use crate::plan::{Action, Plan, StagePlan};
 use crate::progress::Progress;
 use crate::stage::{Cancel, DeviceUse, Registry, StageContext, StageError, Upstream};
-use crate::store::{KeyLock, Object, PublishInfo, RunRecord, StageRecord, Store, StoreError, rfc3339, write_json};
+use crate::store::{
+    KeyLock, Object, PublishInfo, RunRecord, StageRecord, Store, StoreError, rfc3339, write_json,
+};
 
 #[derive(Clone, Debug)]
 pub struct RunOptions {
@@ -35,7 +37,10 @@ impl Default for RunOptions {
 pub enum Outcome {
     /// Already in the store (possibly computed meanwhile by another `pipe run`).
     Cached,
-    Done { seconds: f64, resumed: bool },
+    Done {
+        seconds: f64,
+        resumed: bool,
+    },
     Failed(String),
     Cancelled,
     /// An upstream failed or was cancelled.
@@ -127,40 +132,41 @@ pub fn run(
             objects.insert(s.name.clone(), obj.clone());
         }
     }
-    let write_record = |outcomes: &BTreeMap<String, Outcome>, seconds: &BTreeMap<String, f64>, status: &str| {
-        let rec = RunRecord {
-            format: crate::store::STORE_FORMAT,
-            pipeline: p.name.clone(),
-            file: p.file.clone(),
-            files: p.files.clone(),
-            started: rfc3339(started),
-            finished: (status != "running").then(|| rfc3339(SystemTime::now())),
-            status: status.to_string(),
-            stages: plan
-                .stages
-                .iter()
-                .map(|s| {
-                    let o = outcomes.get(&s.name);
-                    let error = match o {
-                        Some(Outcome::Failed(e)) | Some(Outcome::Blocked(e)) => Some(e.clone()),
-                        _ => None,
-                    };
-                    (
-                        s.name.clone(),
-                        StageRecord {
-                            kind: s.kind.clone(),
-                            key: s.key.hex(),
-                            preimage: s.preimage.to_json(),
-                            state: o.map(|o| o.as_str()).unwrap_or("pending").to_string(),
-                            seconds: seconds.get(&s.name).copied(),
-                            error,
-                        },
-                    )
-                })
-                .collect(),
+    let write_record =
+        |outcomes: &BTreeMap<String, Outcome>, seconds: &BTreeMap<String, f64>, status: &str| {
+            let rec = RunRecord {
+                format: crate::store::STORE_FORMAT,
+                pipeline: p.name.clone(),
+                file: p.file.clone(),
+                files: p.files.clone(),
+                started: rfc3339(started),
+                finished: (status != "running").then(|| rfc3339(SystemTime::now())),
+                status: status.to_string(),
+                stages: plan
+                    .stages
+                    .iter()
+                    .map(|s| {
+                        let o = outcomes.get(&s.name);
+                        let error = match o {
+                            Some(Outcome::Failed(e)) | Some(Outcome::Blocked(e)) => Some(e.clone()),
+                            _ => None,
+                        };
+                        (
+                            s.name.clone(),
+                            StageRecord {
+                                kind: s.kind.clone(),
+                                key: s.key.hex(),
+                                preimage: s.preimage.to_json(),
+                                state: o.map(|o| o.as_str()).unwrap_or("pending").to_string(),
+                                seconds: seconds.get(&s.name).copied(),
+                                error,
+                            },
+                        )
+                    })
+                    .collect(),
+            };
+            write_json(&record_path, &rec)
         };
-        write_json(&record_path, &rec)
-    };
     write_record(&outcomes, &seconds, "running")?;
     for (name, obj) in &objects {
         link(store, p, name, obj);
@@ -184,7 +190,9 @@ pub fn run(
                         continue;
                     }
                     let parents = dag.parents(&s.name);
-                    if !parents.iter().all(|u| matches!(outcomes.get(u), Some(Outcome::Cached | Outcome::Done { .. })))
+                    if !parents
+                        .iter()
+                        .all(|u| matches!(outcomes.get(u), Some(Outcome::Cached | Outcome::Done { .. })))
                     {
                         continue;
                     }
@@ -245,7 +253,10 @@ pub fn run(
     let cancelled = opts.cancel.is_cancelled();
     for s in &plan.stages {
         if !outcomes.contains_key(&s.name) {
-            outcomes.insert(s.name.clone(), if cancelled { Outcome::Cancelled } else { Outcome::Blocked("not reached".into()) });
+            outcomes.insert(
+                s.name.clone(),
+                if cancelled { Outcome::Cancelled } else { Outcome::Blocked("not reached".into()) },
+            );
         }
     }
     let summary = RunSummary {
@@ -435,4 +446,3 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
-

@@ -43,7 +43,13 @@ pub struct Hasher {
 /// The identity of a file version as the filesystem reports it. A file rewritten in place keeps
 /// its inode but changes mtime (ns resolution) or size; a replaced file gets a new inode.
 fn file_id(meta: &fs::Metadata) -> String {
-    format!("{:x}-{:x}-{:x}-{}", meta.dev(), meta.ino(), meta.size(), meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128)
+    format!(
+        "{:x}-{:x}-{:x}-{}",
+        meta.dev(),
+        meta.ino(),
+        meta.size(),
+        meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128
+    )
 }
 
 impl Hasher {

@@ -106,7 +106,8 @@ where
             let mut map = files().lock().unwrap_or_else(|p| p.into_inner());
             if let Some(f) = map.get_mut(key) {
                 let m = event.metadata();
-                let _ = writeln!(f, "{} {:>5} {}: {}", rfc3339(SystemTime::now()), m.level(), m.target(), v.text);
+                let _ =
+                    writeln!(f, "{} {:>5} {}: {}", rfc3339(SystemTime::now()), m.level(), m.target(), v.text);
             }
             return;
         }

@@ -166,12 +166,16 @@ pub fn plan(p: &Pipeline, registry: &Registry, store: &Store, opts: &PlanOptions
             inputs: s
                 .inputs
                 .iter()
-                .map(|(role, ups)| (role.clone(), ups.iter().filter_map(|u| keys.get(u.as_str()).copied()).collect()))
+                .map(|(role, ups)| {
+                    (role.clone(), ups.iter().filter_map(|u| keys.get(u.as_str()).copied()).collect())
+                })
                 .collect(),
             external: s
                 .external
                 .iter()
-                .map(|e| (e.role.clone(), external.remove(&(s.name.as_str(), e.role.as_str())).unwrap_or_default()))
+                .map(|e| {
+                    (e.role.clone(), external.remove(&(s.name.as_str(), e.role.as_str())).unwrap_or_default())
+                })
                 .collect(),
         };
         keys.insert(&s.name, pre.key());
@@ -218,7 +222,9 @@ pub fn plan(p: &Pipeline, registry: &Registry, store: &Store, opts: &PlanOptions
         } else {
             match prev.and_then(|r| PreImage::from_json(&r.preimage)) {
                 Some(old) if old.key() != key => reasons.extend(explain(&old, &pre, &name_of, s)),
-                Some(_) => reasons.push("its output is gone from the datastore (gc'd or never finished)".into()),
+                Some(_) => {
+                    reasons.push("its output is gone from the datastore (gc'd or never finished)".into())
+                }
                 None => reasons.push(format!("no output with this key yet (first run of `{}`)", s.name)),
             }
             Action::Run

@@ -44,7 +44,10 @@ pub fn status_text(plan: &Plan) -> String {
     let mut rows = vec![["STAGE".to_string(), "KIND".into(), "STATE".into(), "KEY".into(), "DETAIL".into()]];
     for s in &plan.stages {
         let detail = match s.state {
-            State::Cached => s.object.as_ref().map(|o| format!("{} in {}", human_bytes(o.manifest.bytes), o.out_dir().display())),
+            State::Cached => s
+                .object
+                .as_ref()
+                .map(|o| format!("{} in {}", human_bytes(o.manifest.bytes), o.out_dir().display())),
             State::Partial => s.partial.as_ref().map(|p| match &p.progress {
                 Some(pr) => format!(
                     "{}{} {} ({})",
@@ -58,7 +61,13 @@ pub fn status_text(plan: &Plan) -> String {
             State::Stale => s.previous_key.map(|k| format!("last run had key {}", k.short())),
             State::Missing => None,
         };
-        rows.push([s.name.clone(), s.kind.clone(), s.state.as_str().into(), s.key.short(), detail.unwrap_or_default()]);
+        rows.push([
+            s.name.clone(),
+            s.kind.clone(),
+            s.state.as_str().into(),
+            s.key.short(),
+            detail.unwrap_or_default(),
+        ]);
     }
     table(&rows)
 }
@@ -89,7 +98,13 @@ pub fn plan_text(plan: &Plan) -> String {
     }
     let n = |a| plan.stages.iter().filter(|s| s.action == a).count();
     use crate::plan::Action;
-    let _ = writeln!(s, "{} to run, {} to resume, {} to skip", n(Action::Run), n(Action::Resume), n(Action::Skip));
+    let _ = writeln!(
+        s,
+        "{} to run, {} to resume, {} to skip",
+        n(Action::Run),
+        n(Action::Resume),
+        n(Action::Skip)
+    );
     s
 }
 
@@ -161,7 +176,8 @@ pub fn show_text(v: &Value) -> String {
     if let Some(files) = g("files").as_array() {
         s.push_str("files:\n");
         for f in files {
-            let _ = writeln!(s, "  {} ({})", str_of(&f["path"]), human_bytes(f["size"].as_u64().unwrap_or(0)));
+            let _ =
+                writeln!(s, "  {} ({})", str_of(&f["path"]), human_bytes(f["size"].as_u64().unwrap_or(0)));
         }
     }
     if let Some(m) = g("metrics").as_object()
@@ -258,7 +274,14 @@ pub fn diff_json(a: (&Pipeline, &Plan), b: (&Pipeline, &Plan)) -> Value {
 pub fn diff_text(v: &Value) -> String {
     let mut s = String::new();
     let name = |i: usize| str_of(&v["pipelines"][i]["name"]);
-    let _ = writeln!(s, "A = {} ({})\nB = {} ({})", name(0), str_of(&v["pipelines"][0]["file"]), name(1), str_of(&v["pipelines"][1]["file"]));
+    let _ = writeln!(
+        s,
+        "A = {} ({})\nB = {} ({})",
+        name(0),
+        str_of(&v["pipelines"][0]["file"]),
+        name(1),
+        str_of(&v["pipelines"][1]["file"])
+    );
     s.push_str("\nparameters:\n");
     let params = v["params"].as_array().cloned().unwrap_or_default();
     if params.is_empty() {
@@ -266,11 +289,13 @@ pub fn diff_text(v: &Value) -> String {
     }
     for p in params {
         let path = str_of(&p["path"]);
-        let at = if path.is_empty() { str_of(&p["stage"]) } else { format!("{}.{path}", str_of(&p["stage"])) };
+        let at =
+            if path.is_empty() { str_of(&p["stage"]) } else { format!("{}.{path}", str_of(&p["stage"])) };
         let _ = writeln!(s, "  {at}: {} -> {}", compact(&p["a"]), compact(&p["b"]));
     }
     s.push_str("\nstages:\n");
-    let mut rows = vec![["A".to_string(), "B".into(), "KIND".into(), "KEY A".into(), "KEY B".into(), "".into()]];
+    let mut rows =
+        vec![["A".to_string(), "B".into(), "KIND".into(), "KEY A".into(), "KEY B".into(), "".into()]];
     for st in v["stages"].as_array().into_iter().flatten() {
         let short = |k: &Value| k.as_str().map(|k| k[..12].to_string()).unwrap_or("-".into());
         rows.push([
@@ -290,7 +315,13 @@ pub fn diff_text(v: &Value) -> String {
         s.push_str("\nmetrics (stages both have run):\n");
         let mut rows = vec![["STAGE".to_string(), "METRIC".into(), "A".into(), "B".into(), "DELTA".into()]];
         for m in metrics {
-            rows.push([str_of(&m["stage"]), str_of(&m["metric"]), compact(&m["a"]), compact(&m["b"]), compact(&m["delta"])]);
+            rows.push([
+                str_of(&m["stage"]),
+                str_of(&m["metric"]),
+                compact(&m["a"]),
+                compact(&m["b"]),
+                compact(&m["delta"]),
+            ]);
         }
         for line in table(&rows).lines() {
             let _ = writeln!(s, "  {line}");
@@ -322,7 +353,14 @@ pub fn gc_text(r: &GcReport, dry_run: bool) -> String {
     let mut s = String::new();
     for e in &r.removed {
         let what = if e.partial { "partial" } else { "object" };
-        let _ = writeln!(s, "{} {what} {}/{} ({})", if dry_run { "would remove" } else { "removed" }, e.kind, &e.key[..12], human_bytes(e.bytes));
+        let _ = writeln!(
+            s,
+            "{} {what} {}/{} ({})",
+            if dry_run { "would remove" } else { "removed" },
+            e.kind,
+            &e.key[..12],
+            human_bytes(e.bytes)
+        );
     }
     let _ = writeln!(
         s,
@@ -349,7 +387,12 @@ pub fn verify_text(entries: &[VerifyEntry], root: &Path) -> String {
         }
     }
     let bad = entries.iter().filter(|e| !e.problems.is_empty()).count();
-    let _ = writeln!(s, "checked {} objects: {}", entries.len(), if bad == 0 { "all intact".to_string() } else { format!("{bad} corrupt") });
+    let _ = writeln!(
+        s,
+        "checked {} objects: {}",
+        entries.len(),
+        if bad == 0 { "all intact".to_string() } else { format!("{bad} corrupt") }
+    );
     s
 }
 

@@ -3,8 +3,8 @@
 //! generated docs. The schema checks shape only; `pipe check` remains the authority (it also
 //! checks references, cycles, `check` rules and environment variables).
 
-use schemars::generate::SchemaSettings;
 use schemars::SchemaGenerator;
+use schemars::generate::SchemaSettings;
 use serde_json::{Map, Value, json};
 
 use crate::config::PipelineHeader;
@@ -98,7 +98,9 @@ fn input_schema(spec: &InputSpec) -> Value {
         }
         (InputSource::Path, _) => {
             let of = if many { "Paths" } else { "A path" };
-            format!("{of} outside the datastore; `${{VAR}}` and `~/` are expanded, relative paths start at this file.")
+            format!(
+                "{of} outside the datastore; `${{VAR}}` and `~/` are expanded, relative paths start at this file."
+            )
         }
     };
     let description = if spec.doc.is_empty() { what } else { format!("{} {what}", spec.doc) };
@@ -294,10 +296,22 @@ mod tests {
             ("[pipeline]\ndescription = \"x\"\n", "/pipeline: missing name"),
             ("[stages.a]\nkind = \"sink\"\n", ": missing pipeline"),
             ("[pipeline]\nname = \"x\"\n[stages.a]\nkind = \"trian\"\n", "/stages/a: matches 0 of oneOf"),
-            ("[pipeline]\nname = \"x\"\n[stages.a]\nkind = \"train\"\nk = 1\n", "/stages/a: matches 0 of oneOf"),
-            ("[pipeline]\nname = \"x\"\n[stages.a]\nkind = \"sink\"\nlabel = 1\n", "/stages/a: matches 0 of oneOf"),
-            ("[pipeline]\nname = \"x\"\n[stages.a]\nkind = \"bundle\"\nfiles = []\n", "/stages/a: matches 0 of oneOf"),
-            ("[pipeline]\nname = \"x\"\n[stages.a]\nkind = \"sink\"\nextra = 1\n", "/stages/a: matches 0 of oneOf"),
+            (
+                "[pipeline]\nname = \"x\"\n[stages.a]\nkind = \"train\"\nk = 1\n",
+                "/stages/a: matches 0 of oneOf",
+            ),
+            (
+                "[pipeline]\nname = \"x\"\n[stages.a]\nkind = \"sink\"\nlabel = 1\n",
+                "/stages/a: matches 0 of oneOf",
+            ),
+            (
+                "[pipeline]\nname = \"x\"\n[stages.a]\nkind = \"bundle\"\nfiles = []\n",
+                "/stages/a: matches 0 of oneOf",
+            ),
+            (
+                "[pipeline]\nname = \"x\"\n[stages.a]\nkind = \"sink\"\nextra = 1\n",
+                "/stages/a: matches 0 of oneOf",
+            ),
         ];
         for (text, expected) in invalid {
             assert_eq!(check(text), Err(expected.to_string()), "{text}");

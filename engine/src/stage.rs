@@ -303,18 +303,17 @@ impl<S: Stage> DynStage for Erased<S> {
                 message: "nan and inf are not allowed: parameters must be finite numbers".into(),
             });
         }
-        let params: S::Params = serde_path_to_error::deserialize(toml::Value::Table(table))
-            .map_err(|e| {
-                let mut path = path_of(e.path());
-                let message = e.inner().message().to_string();
-                // Some deserializers report an unknown field at its parent; name the field itself.
-                if let Some(field) = unknown_field(&message)
-                    && path.last() != Some(&field)
-                {
-                    path.push(field);
-                }
-                ParamError { path, message }
-            })?;
+        let params: S::Params = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let mut path = path_of(e.path());
+            let message = e.inner().message().to_string();
+            // Some deserializers report an unknown field at its parent; name the field itself.
+            if let Some(field) = unknown_field(&message)
+                && path.last() != Some(&field)
+            {
+                path.push(field);
+            }
+            ParamError { path, message }
+        })?;
         self.stage.check(&params)?;
         let json = serde_json::to_value(&params).map_err(|e| ParamError {
             path: Vec::new(),

@@ -42,11 +42,11 @@ pub enum StoreError {
         "{path}: this datastore has format {found}, this pipe reads format {STORE_FORMAT}; use a matching pipe or another --datastore"
     )]
     Format { path: PathBuf, found: String },
-    #[error("`{name}` cannot be used as a {what} name inside the datastore (letters, digits, `_`, `.`, `-`; not starting with `.`)")]
-    UnsafeName { what: &'static str, name: String },
     #[error(
-        "stage output `{path}` is {what}; outputs must be regular files and folders inside the object"
+        "`{name}` cannot be used as a {what} name inside the datastore (letters, digits, `_`, `.`, `-`; not starting with `.`)"
     )]
+    UnsafeName { what: &'static str, name: String },
+    #[error("stage output `{path}` is {what}; outputs must be regular files and folders inside the object")]
     UnsafeOutput { path: PathBuf, what: &'static str },
 }
 
@@ -97,20 +97,17 @@ fn sync_dir(dir: &Path) {
 }
 
 pub fn write_json(path: &Path, value: &impl Serialize) -> Result<(), StoreError> {
-    let mut bytes = serde_json::to_vec_pretty(value).map_err(|e| StoreError::Corrupt {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
+    let mut bytes = serde_json::to_vec_pretty(value)
+        .map_err(|e| StoreError::Corrupt { path: path.to_path_buf(), message: e.to_string() })?;
     bytes.push(b'\n');
     write_atomic(path, &bytes)
 }
 
 pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>, StoreError> {
     match fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| StoreError::Corrupt {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        }),
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt { path: path.to_path_buf(), message: e.to_string() }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(StoreError::Io { path: path.to_path_buf(), source: e }),
     }
@@ -290,12 +287,7 @@ impl Store {
 
     fn lock_file(&self, name: &str) -> Result<File, StoreError> {
         let path = self.root.join("locks").join(name);
-        OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(io_err(&path))
+        OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io_err(&path))
     }
 
     /// Takes the key's lock, waiting for another process that holds it.
@@ -377,10 +369,8 @@ impl Store {
                 .map(|r| {
                     let p = work.out.join(r);
                     let size = fs::metadata(&p).map_err(io_err(&p))?.len();
-                    let hash = hash_file_contents(&p).map_err(|e| StoreError::Corrupt {
-                        path: p.clone(),
-                        message: e.to_string(),
-                    })?;
+                    let hash = hash_file_contents(&p)
+                        .map_err(|e| StoreError::Corrupt { path: p.clone(), message: e.to_string() })?;
                     Ok(FileEntry { path: slash_path(r), size, blake3: hash.hex() })
                 })
                 .collect::<Result<_, StoreError>>()?
@@ -461,8 +451,11 @@ impl Store {
     /// Run records of a pipeline, newest first, read lazily (a long history costs only what the
     /// caller consumes); unreadable records are skipped with a warning.
     pub fn runs_newest_first(&self, pipeline: &str) -> impl Iterator<Item = RunRecord> + use<> {
-        let mut paths =
-            if check_name("pipeline", pipeline).is_ok() { record_paths(&self.runs_dir(pipeline)) } else { Vec::new() };
+        let mut paths = if check_name("pipeline", pipeline).is_ok() {
+            record_paths(&self.runs_dir(pipeline))
+        } else {
+            Vec::new()
+        };
         paths.reverse();
         paths.into_iter().filter_map(|p| read_record(&p))
     }
@@ -578,9 +571,8 @@ impl Store {
 
 /// Record files of one pipeline, oldest first (names start with the UTC start time).
 fn record_paths(dir: &Path) -> Vec<PathBuf> {
-    let mut paths: Vec<PathBuf> = fs::read_dir(dir)
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).collect())
-        .unwrap_or_default();
+    let mut paths: Vec<PathBuf> =
+        fs::read_dir(dir).map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).collect()).unwrap_or_default();
     paths.retain(|p| p.extension().is_some_and(|e| e == "json"));
     paths.sort();
     paths
@@ -604,7 +596,11 @@ fn verify_object(dir: &Path, key: &Key) -> Vec<String> {
     };
     let mut problems = Vec::new();
     if manifest.key != key.hex() {
-        problems.push(format!("manifest names key {} but the object is stored under {}", manifest.key, key.hex()));
+        problems.push(format!(
+            "manifest names key {} but the object is stored under {}",
+            manifest.key,
+            key.hex()
+        ));
     }
     match PreImage::from_json(&manifest.preimage) {
         Some(p) if p.key() == *key => {}

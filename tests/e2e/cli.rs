@@ -17,7 +17,8 @@ fn only_runs_the_stage_and_what_it_needs() {
     env.write("p.toml", DIAMOND);
     env.ok(&["run", "p.toml", "--only", "c"]);
     let v = env.json(&["status", "p.toml"]);
-    let states: Vec<&str> = v["stages"].as_array().unwrap().iter().map(|s| s["state"].as_str().unwrap()).collect();
+    let states: Vec<&str> =
+        v["stages"].as_array().unwrap().iter().map(|s| s["state"].as_str().unwrap()).collect();
     assert_eq!(states, ["cached", "missing", "cached", "missing"]);
     let err = env.stderr(&["run", "p.toml", "--only", "zz"], 2);
     assert!(err.contains("no stage `zz`"), "{err}");
@@ -39,14 +40,18 @@ fn graph_formats() {
 fn diff_two_pipelines() {
     let env = Env::new();
     env.write("a.toml", DIAMOND);
-    env.write("b.toml", &DIAMOND.replace("name = \"diamond\"", "name = \"other\"").replace("seed = 2", "seed = 3"));
+    env.write(
+        "b.toml",
+        &DIAMOND.replace("name = \"diamond\"", "name = \"other\"").replace("seed = 2", "seed = 3"),
+    );
     env.ok(&["run", "a.toml"]);
     env.ok(&["run", "b.toml"]);
     let v = env.json(&["diff", "a.toml", "b.toml"]);
     assert_eq!(v["params"].as_array().unwrap().len(), 1, "{v}");
     assert_eq!(v["params"][0]["path"], "seed");
     assert_eq!(v["params"][0]["stage"], "b");
-    let shared: Vec<bool> = v["stages"].as_array().unwrap().iter().map(|s| s["shared"].as_bool().unwrap()).collect();
+    let shared: Vec<bool> =
+        v["stages"].as_array().unwrap().iter().map(|s| s["shared"].as_bool().unwrap()).collect();
     assert_eq!(shared, [true, false, true, false]);
     let text = env.ok(&["diff", "a.toml", "b.toml"]);
     assert!(text.contains("b.seed: 2 -> 3"), "{text}");
@@ -72,7 +77,8 @@ fn accelerator_stages_get_one_device_each() {
     env.write("p.toml", "[pipeline]\nname = \"acc\"\n[stages.g1]\nkind = \"accel\"\nid = 1\ndelay_ms = 200\n[stages.g2]\nkind = \"accel\"\nid = 2\ndelay_ms = 200\n");
     env.ok(&["run", "p.toml", "--jobs", "4", "--devices", "cuda:0"]);
     let ev = env.events();
-    let kinds: Vec<&str> = ev.iter().map(|l| l.rsplit_once(' ').unwrap().0.rsplit_once(' ').unwrap().1).collect();
+    let kinds: Vec<&str> =
+        ev.iter().map(|l| l.rsplit_once(' ').unwrap().0.rsplit_once(' ').unwrap().1).collect();
     assert_eq!(kinds, ["start", "done", "start", "done"], "{ev:?}");
 }
 

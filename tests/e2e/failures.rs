@@ -9,7 +9,8 @@ fn a_failed_stage_fails_only_its_descendants() {
     let err = env.stderr(&["run", "p.toml", "--set", "stages.c.fail=true"], 1);
     assert!(err.contains("told to fail"), "{err}");
     let v = env.json(&["status", "p.toml", "--set", "stages.c.fail=true"]);
-    let states: Vec<&str> = v["stages"].as_array().unwrap().iter().map(|s| s["state"].as_str().unwrap()).collect();
+    let states: Vec<&str> =
+        v["stages"].as_array().unwrap().iter().map(|s| s["state"].as_str().unwrap()).collect();
     assert_eq!(states, ["cached", "cached", "partial", "missing"]);
     assert!(err.contains("blocked      d: upstream `c` failed"), "{err}");
 }
@@ -21,7 +22,9 @@ fn config_errors_name_file_line_and_key_and_exit_2() {
     let err = env.stderr(&["run", "p.toml"], 2);
     assert!(err.contains("p.toml:5:8"), "{err}");
     assert!(err.contains("stages.a.seed"), "{err}");
-    assert!(!env.ds().join("runs").exists() || std::fs::read_dir(env.ds().join("runs")).unwrap().count() == 0);
+    assert!(
+        !env.ds().join("runs").exists() || std::fs::read_dir(env.ds().join("runs")).unwrap().count() == 0
+    );
 }
 
 #[test]
@@ -51,7 +54,10 @@ fn names_and_outputs_cannot_leave_the_datastore() {
     }
     assert!(!env.path("etc").exists());
     // A stage output that is a symlink out of the store is refused and nothing is published.
-    env.write("esc.toml", "[pipeline]\nname = \"esc\"\n[stages.e]\nkind = \"escape\"\ntarget = \"/etc/passwd\"\n");
+    env.write(
+        "esc.toml",
+        "[pipeline]\nname = \"esc\"\n[stages.e]\nkind = \"escape\"\ntarget = \"/etc/passwd\"\n",
+    );
     let err = env.stderr(&["run", "esc.toml"], 1);
     assert!(err.contains("is a symlink"), "{err}");
     let v = env.json(&["status", "esc.toml"]);

@@ -20,8 +20,12 @@ fn parameter_change_reruns_exactly_the_stage_and_its_descendants() {
     env.write("p.toml", DIAMOND);
     env.ok(&["run", "p.toml"]);
     let v = env.json(&["plan", "p.toml", "--set", "stages.a.seed=5"]);
-    let acts: Vec<(&str, &str)> =
-        v["stages"].as_array().unwrap().iter().map(|s| (s["name"].as_str().unwrap(), s["action"].as_str().unwrap())).collect();
+    let acts: Vec<(&str, &str)> = v["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["name"].as_str().unwrap(), s["action"].as_str().unwrap()))
+        .collect();
     assert_eq!(acts, [("a", "run"), ("b", "skip"), ("c", "run"), ("d", "run")]);
     let reasons = |i: usize| v["stages"][i]["reasons"].to_string();
     assert!(reasons(0).contains("parameter seed: 1 -> 5"), "{}", reasons(0));

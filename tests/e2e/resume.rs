@@ -141,5 +141,8 @@ fn two_concurrent_runs_sharing_a_stage_compute_it_once() {
     let ev = env.events();
     assert_eq!(ev.iter().filter(|l| l.starts_with("emit ") && l.ends_with(" start")).count(), 1, "{ev:?}");
     assert_eq!(ev.iter().filter(|l| l.starts_with("combine ") && l.ends_with(" done")).count(), 2, "{ev:?}");
-    assert_eq!(read(&env.out("one.toml", "shared").join("data.bin")), read(&env.out("two.toml", "shared").join("data.bin")));
+    assert_eq!(
+        read(&env.out("one.toml", "shared").join("data.bin")),
+        read(&env.out("two.toml", "shared").join("data.bin"))
+    );
 }

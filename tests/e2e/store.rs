@@ -14,7 +14,8 @@ fn status_reports_cached_missing_and_stale() {
     }
     env.ok(&["run", "p.toml"]);
     let v = env.json(&["status", "p.toml", "--set", "stages.b.seed=3"]);
-    let states: Vec<&str> = v["stages"].as_array().unwrap().iter().map(|s| s["state"].as_str().unwrap()).collect();
+    let states: Vec<&str> =
+        v["stages"].as_array().unwrap().iter().map(|s| s["state"].as_str().unwrap()).collect();
     assert_eq!(states, ["cached", "stale", "cached", "stale"]);
 }
 
@@ -33,7 +34,8 @@ fn results_view_run_records_and_logs() {
     assert_eq!(rec["status"], "ok");
     assert_eq!(rec["stages"]["d"]["state"], "done");
     let obj = env.out("p.toml", "a").parent().unwrap().to_path_buf();
-    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(obj.join("manifest.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(obj.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["metrics"]["bytes"], 4096);
     assert_eq!(manifest["preimage"]["kind"], "emit");
     let log = std::fs::read_to_string(obj.join("log.txt")).unwrap();

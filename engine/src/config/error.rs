@@ -32,6 +32,18 @@ pub(crate) struct Source {
     /// The directory relative paths written in this source resolve against (absolute).
     pub dir: PathBuf,
     pub text: Arc<str>,
+    /// Byte offset of each line's start, for line numbers without rescanning the text.
+    line_starts: Vec<usize>,
+}
+
+impl Source {
+    /// 1-based line and character column of a byte offset (already clamped).
+    fn line_col(&self, offset: usize) -> (usize, usize) {
+        let line = self.line_starts.partition_point(|&s| s <= offset).max(1);
+        let start = self.line_starts.get(line - 1).copied().unwrap_or(0);
+        let col = self.text.get(start..offset).map_or(0, |s| s.chars().count());
+        (line, col + 1)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -41,7 +53,8 @@ pub(crate) struct Sources {
 
 impl Sources {
     pub fn add(&mut self, display: PathBuf, dir: PathBuf, text: &str) -> FileId {
-        self.list.push(Source { display, dir, text: Arc::from(text) });
+        let line_starts = std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i + 1)).collect();
+        self.list.push(Source { display, dir, text: Arc::from(text), line_starts });
         self.list.len() - 1
     }
 
@@ -55,7 +68,7 @@ impl Sources {
             return ConfigError::without_source(PathBuf::new(), message);
         };
         let range = clamp(&src.text, span.range.clone());
-        let (line, col) = line_col(&src.text, range.start);
+        let (line, col) = src.line_col(range.start);
         ConfigError {
             file: src.display.clone(),
             line,
@@ -132,12 +145,19 @@ impl ConfigError {
         let mut group = Group::with_title(Level::ERROR.primary_title(self.message.as_str()));
         match &self.text {
             Some(text) if !text.is_empty() => {
-                let mut annotation = AnnotationKind::Primary.span(self.range.clone());
+                // Only the lines the span touches: rendering stays cheap in huge files.
+                let start = text[..self.range.start].rfind('\n').map_or(0, |i| i + 1);
+                let end = text[self.range.end..].find('\n').map_or(text.len(), |i| self.range.end + i);
+                let mut annotation =
+                    AnnotationKind::Primary.span(self.range.start - start..self.range.end - start);
                 if !self.key_path.is_empty() {
                     annotation = annotation.label(self.key_path.as_str());
                 }
                 group = group.element(
-                    Snippet::source(text.as_ref()).path(path.as_ref()).annotation(annotation),
+                    Snippet::source(&text[start..end])
+                        .line_start(self.line)
+                        .path(path.as_ref())
+                        .annotation(annotation),
                 );
             }
             _ => {
@@ -150,6 +170,9 @@ impl ConfigError {
         Renderer::plain().render(&[group])
     }
 }
+
+/// How many errors `Display` renders; a file that produces more is not worth reading further.
+const MAX_SHOWN: usize = 100;
 
 /// All the problems found in a pipeline file and the files it extends, sorted by file, then
 /// position. `Display` renders every one of them and a summary line.
@@ -186,7 +209,7 @@ impl ConfigErrors {
 
     fn render(&self) -> String {
         let mut out = String::new();
-        for e in &self.errors {
+        for e in self.errors.iter().take(MAX_SHOWN) {
             out.push_str(&e.render());
             out.push_str("\n\n");
         }
@@ -196,6 +219,9 @@ impl ConfigErrors {
             if n == 1 { "" } else { "s" },
             self.file.display()
         ));
+        if n > MAX_SHOWN {
+            out.push_str(&format!(" (the first {MAX_SHOWN} are shown)"));
+        }
         out
     }
 }
@@ -220,14 +246,6 @@ fn clamp(text: &str, range: Range<usize>) -> Range<usize> {
     let start = floor(range.start);
     let end = floor(range.end.max(range.start));
     start..end
-}
-
-/// 1-based line and character column of a byte offset (already clamped).
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset];
-    let line = before.matches('\n').count() + 1;
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    (line, before[line_start..].chars().count() + 1)
 }
 
 /// `stages.train.k`; segments that are not bare TOML keys are quoted (`stages."a/b"`).

@@ -249,13 +249,16 @@ impl Cx<'_> {
 
     /// Parses one source into a tree, recording syntax errors.
     fn parse(&mut self, file: FileId) -> Table {
-        let Some(text) = self.sources.get(file).map(|s| s.text.clone()) else { return Table::default() };
+        let Some(text) = self.sources.get(file).map(|s| s.text.clone()) else {
+            return Table::default();
+        };
         let (doc, errors) = toml::de::DeTable::parse_recoverable(&text);
+        let headers = if errors.is_empty() { Vec::new() } else { syntax::headers(&text) };
         let mut described: Vec<_> = errors
             .iter()
             .map(|e| {
                 let range = e.span().unwrap_or(0..0);
-                let d = syntax::describe(&text, e.message(), &range);
+                let d = syntax::describe(&text, &headers, e.message(), &range);
                 (range, d)
             })
             .collect();
@@ -268,7 +271,7 @@ impl Cx<'_> {
                 continue;
             }
             if d.kind == syntax::Kind::Table {
-                quiet_until = syntax::next_header(&text, range.end);
+                quiet_until = syntax::next_header(&text, &headers, range.end);
             }
             self.error_help(&Span::new(file, range), d.key_path, d.message, d.help);
         }
@@ -410,10 +413,10 @@ mod syntax {
         pub help: Option<String>,
     }
 
-    /// A TOML parse error at `range`, worded for pipeline files.
-    pub fn describe(text: &str, message: &str, range: &Range<usize>) -> Described {
+    /// A TOML parse error at `range`, worded for pipeline files. `headers` is [`headers`].
+    pub fn describe(text: &str, headers: &[usize], message: &str, range: &Range<usize>) -> Described {
         if message.starts_with("duplicate key") {
-            return duplicate(text, range);
+            return duplicate(text, headers, range);
         }
         Described {
             kind: Kind::Other,
@@ -423,42 +426,52 @@ mod syntax {
         }
     }
 
-    /// The offset of the next line after `offset` that starts a table (`[...]`), or the end.
-    pub fn next_header(text: &str, offset: usize) -> usize {
-        let Some(rest) = text.get(offset..) else { return text.len() };
-        let mut pos = rest.find('\n').map_or(text.len(), |i| offset + i + 1);
-        while let Some(line) = text.get(pos..).and_then(|s| s.split_inclusive('\n').next()) {
+    /// Offsets of the lines that start a table (`[...]`), ascending.
+    pub fn headers(text: &str) -> Vec<usize> {
+        let mut out = Vec::new();
+        let mut pos = 0;
+        for line in text.split_inclusive('\n') {
             if line.trim_start().starts_with('[') {
-                return pos;
+                out.push(pos);
             }
             pos += line.len();
         }
-        text.len()
+        out
     }
 
-    fn duplicate(text: &str, range: &Range<usize>) -> Described {
+    /// The offset of the first table header line after `offset`, or the end.
+    pub fn next_header(text: &str, headers: &[usize], offset: usize) -> usize {
+        let i = headers.partition_point(|&h| h <= offset);
+        headers.get(i).copied().unwrap_or(text.len())
+    }
+
+    fn line_at(text: &str, start: usize) -> &str {
+        text.get(start..).and_then(|s| s.lines().next()).unwrap_or("")
+    }
+
+    fn duplicate(text: &str, headers: &[usize], range: &Range<usize>) -> Described {
         let key = text.get(range.clone()).unwrap_or("").trim_matches(|c| c == '"' || c == '\'');
         let start = range.start.min(text.len());
         let line_start = text.get(..start).and_then(|s| s.rfind('\n')).map_or(0, |i| i + 1);
-        let line = text.get(line_start..).and_then(|s| s.lines().next()).unwrap_or("");
+        let line = line_at(text, line_start);
         let at_line_start = text.get(line_start..start).is_some_and(|s| s.trim().is_empty());
         let is_header = line.trim_start().starts_with('[');
         let path = if is_header {
             header_path(line)
         } else if at_line_start {
             // `name = {...}` directly under `[stages]`.
-            text.get(..line_start)
-                .and_then(|before| before.lines().rev().find(|l| l.trim_start().starts_with('[')))
-                .and_then(header_path)
-                .map(|mut p| {
+            let i = headers.partition_point(|&h| h < line_start);
+            i.checked_sub(1).and_then(|i| headers.get(i)).and_then(|&h| header_path(line_at(text, h))).map(
+                |mut p| {
                     p.push(key.to_string());
                     p
-                })
+                },
+            )
         } else {
             None
         };
         match path.as_deref() {
-            Some([stages, name]) if stages == "stages" && (is_header || at_line_start) => Described {
+            Some([stages, name]) if stages == "stages" => Described {
                 kind: Kind::Table,
                 message: format!("duplicate stage `{name}`"),
                 key_path: super::error::key_path(&["stages", name.as_str()]),

@@ -22,6 +22,9 @@ pub(crate) struct SyntaxError {
     pub help: &'static str,
 }
 
+/// Deeper keys serve no pipeline and would only make deep trees.
+const MAX_DEPTH: usize = 32;
+
 const HELP: &str = "write `--set KEY=VALUE`, e.g. `--set stages.train.k=64`";
 
 pub(crate) fn parse(text: &str, file: FileId) -> Result<Override, SyntaxError> {
@@ -44,10 +47,8 @@ pub(crate) fn parse(text: &str, file: FileId) -> Result<Override, SyntaxError> {
         }
         Err(_) => None,
     };
-    let value = value.unwrap_or_else(|| Node {
-        span: Span::new(file, start..end),
-        value: Val::Str(raw.to_string()),
-    });
+    let value =
+        value.unwrap_or_else(|| Node { span: Span::new(file, start..end), value: Val::Str(raw.to_string()) });
     Ok(Override { path, value })
 }
 
@@ -106,7 +107,10 @@ fn parse_key(text: &str, range: Range<usize>) -> Result<Vec<(String, Range<usize
                 }
             }
             let Some(end) = end else {
-                return Err(bad(format!("unterminated quoted key in `{}`", &text[range.clone()]), i..range.end));
+                return Err(bad(
+                    format!("unterminated quoted key in `{}`", &text[range.clone()]),
+                    i..range.end,
+                ));
             };
             let quoted = &rest[..=end];
             match DeValue::parse(quoted).ok().and_then(|v| v.get_ref().as_str().map(str::to_string)) {
@@ -128,6 +132,9 @@ fn parse_key(text: &str, range: Range<usize>) -> Result<Vec<(String, Range<usize
             (rest[..len].to_string(), len)
         };
         out.push((seg, i..i + len));
+        if out.len() > MAX_DEPTH {
+            return Err(bad(format!("override key is nested more than {MAX_DEPTH} levels deep"), range));
+        }
         i += len;
         while text[i..range.end].starts_with([' ', '\t']) {
             i += 1;
@@ -151,7 +158,9 @@ pub(crate) struct NotATable {
 
 /// Sets the value at the override's path, creating tables on the way.
 pub(crate) fn apply(root: &mut Table, o: Override, file: FileId) -> Result<(), NotATable> {
-    let Some(((last, last_range), parents)) = o.path.split_last() else { return Ok(()) };
+    let Some(((last, last_range), parents)) = o.path.split_last() else {
+        return Ok(());
+    };
     let mut table = root;
     for (depth, (seg, range)) in parents.iter().enumerate() {
         let entry = table.0.entry(seg.clone()).or_insert_with(|| Entry {
@@ -161,7 +170,9 @@ pub(crate) fn apply(root: &mut Table, o: Override, file: FileId) -> Result<(), N
         let found = entry.node.value.type_name();
         table = match &mut entry.node.value {
             Val::Table(t) => t,
-            _ => return Err(NotATable { depth: depth + 1, found }),
+            _ => {
+                return Err(NotATable { depth: depth + 1, found });
+            }
         };
     }
     table.0.insert(last.clone(), Entry { key: Span::new(file, last_range.clone()), node: o.value });

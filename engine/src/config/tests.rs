@@ -329,8 +329,19 @@ fn wrong_param_type_in_array() {
 }
 
 #[test]
+fn non_finite_param() {
+    insta::assert_snapshot!(check(
+        "[pipeline]\nname = \"x\"\n[stages.s]\nkind = \"sink\"\nopt = { beta = nan }\n",
+        &[]
+    ));
+}
+
+#[test]
 fn missing_param() {
-    insta::assert_snapshot!(check("[pipeline]\nname = \"x\"\n[stages.s]\nkind = \"source\"\ndata = \"d\"\n", &[]));
+    insta::assert_snapshot!(check(
+        "[pipeline]\nname = \"x\"\n[stages.s]\nkind = \"source\"\ndata = \"d\"\n",
+        &[]
+    ));
 }
 
 #[test]
@@ -392,7 +403,10 @@ fn cycle() {
 
 #[test]
 fn self_reference() {
-    insta::assert_snapshot!(check("[pipeline]\nname = \"x\"\n[stages.a]\nkind = \"sink\"\nfrom = \"a\"\n", &[]));
+    insta::assert_snapshot!(check(
+        "[pipeline]\nname = \"x\"\n[stages.a]\nkind = \"sink\"\nfrom = \"a\"\n",
+        &[]
+    ));
 }
 
 #[test]
@@ -520,7 +534,10 @@ fn extends_deep_merge() {
     assert_eq!(web.external[0].paths, [f.path("p/../shared/data/web.jsonl")]);
     assert_eq!(web.params.to_string(), "{n = 7, seed = 2}");
     // Arrays replace, tables merge.
-    assert_eq!(p.stage("out").expect("out").params.to_string(), "{label = \"\", layers = [9], opt = {beta = 0.5}}");
+    assert_eq!(
+        p.stage("out").expect("out").params.to_string(),
+        "{label = \"\", layers = [9], opt = {beta = 0.5}}"
+    );
     assert_eq!(p.stages.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["out", "web", "train"]);
     // The effective document is merged, without `extends`, paths resolved.
     let eff = &p.effective;
@@ -548,7 +565,8 @@ fn extends_chain_and_absolute() {
 
 #[test]
 fn extends_file_missing() {
-    Files::new(&[("x.toml", "[pipeline]\nname = \"x\"\nextends = \"nope.toml\"\n")]).snapshot("extends_file_missing", "x.toml");
+    Files::new(&[("x.toml", "[pipeline]\nname = \"x\"\nextends = \"nope.toml\"\n")])
+        .snapshot("extends_file_missing", "x.toml");
 }
 
 #[test]
@@ -562,7 +580,8 @@ fn extends_cycle() {
 
 #[test]
 fn extends_itself() {
-    Files::new(&[("x.toml", "[pipeline]\nname = \"x\"\nextends = \"./x.toml\"\n")]).snapshot("extends_itself", "x.toml");
+    Files::new(&[("x.toml", "[pipeline]\nname = \"x\"\nextends = \"./x.toml\"\n")])
+        .snapshot("extends_itself", "x.toml");
 }
 
 #[test]
@@ -663,7 +682,10 @@ fn env_expansion_in_path_fields_only() {
 
 #[test]
 fn relative_paths_resolve_against_the_file() {
-    let p = ok("[pipeline]\nname = \"x\"\ndatastore = \"../ds\"\n[stages.s]\nkind = \"source\"\ndata = \"./d/x.jsonl\"\nseed = 1\n", &[]);
+    let p = ok(
+        "[pipeline]\nname = \"x\"\ndatastore = \"../ds\"\n[stages.s]\nkind = \"source\"\ndata = \"./d/x.jsonl\"\nseed = 1\n",
+        &[],
+    );
     assert_eq!(p.datastore, Some(cwd().join("pipelines/../ds")));
     assert_eq!(p.stage("s").expect("s").external[0].paths, [cwd().join("pipelines/d/x.jsonl")]);
     assert_eq!(p.file, cwd().join(FILE));
@@ -709,15 +731,20 @@ data = "/data/web.jsonl"
 "#,
         &[],
     );
-    assert_eq!(a.stages.iter().map(|s| (&s.name, &s.params, &s.inputs)).collect::<Vec<_>>(),
-               b.stages.iter().map(|s| (&s.name, &s.params, &s.inputs)).collect::<Vec<_>>());
+    assert_eq!(
+        a.stages.iter().map(|s| (&s.name, &s.params, &s.inputs)).collect::<Vec<_>>(),
+        b.stages.iter().map(|s| (&s.name, &s.params, &s.inputs)).collect::<Vec<_>>()
+    );
     assert_eq!(a.effective, b.effective);
 }
 
 #[test]
 fn inputs_keep_written_order() {
     let p = ok(&GOOD.replace("[\"web\", \"chat\"]", "[\"web\", \"chat\", \"web\"]"), &[]);
-    assert_eq!(p.stage("train").expect("train").inputs, [("activations".to_string(), vec!["web".to_string(), "chat".into(), "web".into()])]);
+    assert_eq!(
+        p.stage("train").expect("train").inputs,
+        [("activations".to_string(), vec!["web".to_string(), "chat".into(), "web".into()])]
+    );
 }
 
 #[test]
@@ -751,7 +778,10 @@ fn empty_pipeline_is_valid() {
 
 #[test]
 fn schema_comment_and_inline_stages() {
-    let p = ok("#:schema ../schemas/pipeline.schema.json\n[pipeline]\nname = \"x\"\n[stages]\na = { kind = \"sink\" }\nb = { kind = \"sink\", from = \"a\" }\n", &[]);
+    let p = ok(
+        "#:schema ../schemas/pipeline.schema.json\n[pipeline]\nname = \"x\"\n[stages]\na = { kind = \"sink\" }\nb = { kind = \"sink\", from = \"a\" }\n",
+        &[],
+    );
     assert_eq!(p.stages.len(), 2);
     assert_eq!(p.stage("b").expect("b").at.to_string(), "pipelines/x.toml:6:1");
 }
@@ -820,11 +850,56 @@ fn garbage_never_panics() {
 #[test]
 fn random_inputs_never_panic() {
     const TOKENS: &[&str] = &[
-        "[pipeline]", "[stages.a]", "[stages.b]", "[[stages]]", "[stages]", "\n", "\n", " ", "=", ".", "\"",
-        "'", "name", "kind", "\"sink\"", "\"source\"", "\"train\"", "from", "activations", "data", "seed",
-        "k", "opt", "{", "}", "[", "]", ",", "1", "-1", "0x7f", "1e400", "nan", "\"a\"", "\"b\"", "\"${X}\"",
-        "\"${DATA}\"", "\"~/x\"", "extends", "\"x.toml\"", "datastore", "#", "\"\"\"", "é", "\u{1F600}", "\r",
-        "\t", "\\", "true", "1979-05-27",
+        "[pipeline]",
+        "[stages.a]",
+        "[stages.b]",
+        "[[stages]]",
+        "[stages]",
+        "\n",
+        "\n",
+        " ",
+        "=",
+        ".",
+        "\"",
+        "'",
+        "name",
+        "kind",
+        "\"sink\"",
+        "\"source\"",
+        "\"train\"",
+        "from",
+        "activations",
+        "data",
+        "seed",
+        "k",
+        "opt",
+        "{",
+        "}",
+        "[",
+        "]",
+        ",",
+        "1",
+        "-1",
+        "0x7f",
+        "1e400",
+        "nan",
+        "\"a\"",
+        "\"b\"",
+        "\"${X}\"",
+        "\"${DATA}\"",
+        "\"~/x\"",
+        "extends",
+        "\"x.toml\"",
+        "datastore",
+        "#",
+        "\"\"\"",
+        "é",
+        "\u{1F600}",
+        "\r",
+        "\t",
+        "\\",
+        "true",
+        "1979-05-27",
     ];
     let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut next = move || {
@@ -850,4 +925,24 @@ fn random_inputs_never_panic() {
             let _ = e.to_string();
         }
     }
+}
+/// Deep nesting, thousands of errors and very deep override keys: no stack overflow, and (by
+/// the windowed rendering and line index) no quadratic blow-up.
+#[test]
+fn pathological_inputs() {
+    let n = 5000;
+    let cases = [
+        "a = ".to_string() + &"[".repeat(n) + &"]".repeat(n),
+        "a = ".to_string() + &"{b=".repeat(n) + "1" + &"}".repeat(n),
+        "[".to_string() + &"a.".repeat(n) + "b]",
+        "x=1\n".repeat(n),
+        "[pipeline]\nname=\"x\"\n".to_string() + &"[stages.a]\n".repeat(n),
+    ];
+    for text in &cases {
+        let e = load(text, &[]).expect_err("invalid");
+        assert!(e.to_string().lines().count() < 2000);
+    }
+    let deep = "a.".repeat(n) + "b=1";
+    let e = load("", &[&deep]).expect_err("invalid");
+    assert!(e.to_string().contains("nested more than 32 levels"), "{e}");
 }

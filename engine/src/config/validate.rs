@@ -102,9 +102,9 @@ fn path_value(cx: &mut Cx<'_>, raw: &str, node: &Node, key: &str) -> Option<Path
         }
         Err(e) => {
             let help = match &e {
-                paths::ExpandError::Unset(var) => {
-                    Some(format!("set `{var}` in the environment, or override the path with `--set {key}=...`"))
-                }
+                paths::ExpandError::Unset(var) => Some(format!(
+                    "set `{var}` in the environment, or override the path with `--set {key}=...`"
+                )),
                 _ => None,
             };
             cx.error_help(&node.span, key, e.message(), help);
@@ -180,7 +180,9 @@ fn stages<'r: 't, 't>(
     root: &'t Table,
     resolved: &mut Vec<(Vec<String>, toml::Value)>,
 ) -> Option<Vec<StageDecl>> {
-    let Some(entry) = root.get("stages") else { return Some(Vec::new()) };
+    let Some(entry) = root.get("stages") else {
+        return Some(Vec::new());
+    };
     let Some(table) = entry.node.as_table() else {
         let found = entry.node.value.type_name();
         cx.error_help(
@@ -201,7 +203,9 @@ fn stages<'r: 't, 't>(
     let mut out = Vec::with_capacity(list.len());
     for i in order? {
         let s = &list[i];
-        let (Some(kind), Some(params)) = (s.kind, s.params.clone()) else { return None };
+        let (Some(kind), Some(params)) = (s.kind, s.params.clone()) else {
+            return None;
+        };
         out.push(StageDecl {
             name: s.name.to_string(),
             kind: kind.kind().to_string(),
@@ -258,7 +262,12 @@ fn stage<'r: 't, 't>(
             None => {
                 let found = e.node.value.type_name();
                 let help = kinds_help(cx);
-                cx.error_help(&e.node.span, kp(&["kind"]), format!("`kind` must be a string, found {found}"), Some(help));
+                cx.error_help(
+                    &e.node.span,
+                    kp(&["kind"]),
+                    format!("`kind` must be a string, found {found}"),
+                    Some(help),
+                );
                 return s;
             }
             Some(k) => match cx.registry.get(k) {
@@ -269,7 +278,12 @@ fn stage<'r: 't, 't>(
                         Some(dym) => format!("{dym} {}", kinds_help(cx)),
                         None => kinds_help(cx),
                     };
-                    cx.error_help(&e.node.span, kp(&["kind"]), format!("unknown stage kind `{k}`"), Some(help));
+                    cx.error_help(
+                        &e.node.span,
+                        kp(&["kind"]),
+                        format!("unknown stage kind `{k}`"),
+                        Some(help),
+                    );
                     return s;
                 }
             },
@@ -310,7 +324,11 @@ fn stage<'r: 't, 't>(
             (Val::Str(v), _) => vec![(v.as_str(), &e.node)],
             (Val::Array(items), Arity::Many) => {
                 if items.is_empty() {
-                    cx.error(&e.node.span, kp(&[spec.name]), format!("input `{}` needs at least one value", spec.name));
+                    cx.error(
+                        &e.node.span,
+                        kp(&[spec.name]),
+                        format!("input `{}` needs at least one value", spec.name),
+                    );
                     continue;
                 }
                 let mut values = Vec::new();
@@ -350,7 +368,9 @@ fn stage<'r: 't, 't>(
                 let key = kp(&[spec.name]);
                 let paths: Vec<Option<PathBuf>> =
                     values.iter().map(|(v, n)| path_value(cx, v, n, &key)).collect();
-                let Some(paths) = paths.into_iter().collect::<Option<Vec<_>>>() else { continue };
+                let Some(paths) = paths.into_iter().collect::<Option<Vec<_>>>() else {
+                    continue;
+                };
                 let value = match &e.node.value {
                     Val::Array(_) => toml::Value::Array(paths.iter().map(|p| path_toml(p)).collect()),
                     _ => path_toml(&paths[0]),
@@ -387,7 +407,10 @@ fn param_failure(cx: &mut Cx<'_>, name: &str, entry: &Entry, kind: &dyn DynStage
         } else {
             known.extend(kind.inputs().iter().map(|s| s.name.to_string()));
             known.sort();
-            (format!("stage `{name}`"), format!("stage kind `{}` takes: kind, {}", kind.kind(), known.join(", ")))
+            (
+                format!("stage `{name}`"),
+                format!("stage kind `{}` takes: kind, {}", kind.kind(), known.join(", ")),
+            )
         };
         let dym = did_you_mean(&field, known.iter().map(String::as_str));
         (
@@ -476,7 +499,9 @@ fn missing_field(message: &str) -> Option<String> {
 
 /// The field names in serde's "unknown field `x`, expected one of `a`, `b`".
 fn expected_fields(message: &str) -> Vec<String> {
-    let Some(i) = message.find("expected") else { return Vec::new() };
+    let Some(i) = message.find("expected") else {
+        return Vec::new();
+    };
     message[i..].split('`').skip(1).step_by(2).map(str::to_string).collect()
 }
 
@@ -505,7 +530,10 @@ fn references(cx: &mut Cx<'_>, list: &[Stage<'_>]) -> Vec<Edge> {
                         Some(if index.is_empty() {
                             "no stages are declared".to_string()
                         } else {
-                            format!("declared stages: {}", index.keys().copied().collect::<Vec<_>>().join(", "))
+                            format!(
+                                "declared stages: {}",
+                                index.keys().copied().collect::<Vec<_>>().join(", ")
+                            )
                         })
                     });
                     cx.error_help(span, kp, format!("unknown stage `{target}`"), help);
@@ -563,7 +591,9 @@ fn dag(cx: &mut Cx<'_>, list: &[Stage<'_>], edges: &[Edge]) -> Option<Vec<usize>
     sccs.sort();
     for scc in sccs {
         let members: BTreeSet<usize> = scc.iter().map(|n| g[*n]).collect();
-        let Some(&start) = members.first() else { continue };
+        let Some(&start) = members.first() else {
+            continue;
+        };
         if members.len() == 1 && !succ[start].contains(&start) {
             continue;
         }
@@ -571,7 +601,9 @@ fn dag(cx: &mut Cx<'_>, list: &[Stage<'_>], edges: &[Edge]) -> Option<Vec<usize>
         let cycle = shortest_cycle(start, &members, &succ);
         let names: Vec<&str> = cycle.iter().map(|&i| list[i].name).collect();
         let (a, b) = (cycle[0], cycle.get(1).copied().unwrap_or(cycle[0]));
-        let Some((_, _, span)) = edges.iter().find(|(x, y, _)| *x == a && *y == b) else { continue };
+        let Some((_, _, span)) = edges.iter().find(|(x, y, _)| *x == a && *y == b) else {
+            continue;
+        };
         let role = list[a]
             .refs
             .iter()
