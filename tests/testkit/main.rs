@@ -14,10 +14,10 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 fn event(ctx: &StageContext, kind: &str, what: &str) {
-    if let Some(p) = std::env::var_os("PIPE_TESTKIT_LOG") {
-        if let Ok(mut f) = fs::OpenOptions::new().create(true).append(true).open(p) {
-            let _ = writeln!(f, "{kind} {} {what}", ctx.key().hex());
-        }
+    if let Some(p) = std::env::var_os("PIPE_TESTKIT_LOG")
+        && let Ok(mut f) = fs::OpenOptions::new().create(true).append(true).open(p)
+    {
+        let _ = writeln!(f, "{kind} {} {what}", ctx.key().hex());
     }
 }
 
