@@ -245,7 +245,10 @@ pub fn run(
                 }
             }
             outcomes.insert(done.name, done.outcome);
-            write_record(&outcomes, &seconds, "running")?;
+            // Once stages run, a record that cannot be updated (disk full) must not stop the others.
+            if let Err(e) = write_record(&outcomes, &seconds, "running") {
+                tracing::warn!("cannot update the run record: {e}");
+            }
         }
         Ok(())
     })?;
@@ -271,7 +274,9 @@ pub fn run(
     } else {
         "failed"
     };
-    write_record(&outcomes, &seconds, status)?;
+    if let Err(e) = write_record(&outcomes, &seconds, status) {
+        tracing::warn!("cannot write the run record: {e}");
+    }
     Ok(summary)
 }
 
