@@ -126,3 +126,88 @@ pub fn render(p: &Pipeline, format: GraphFormat) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::tests::kinds;
+
+    const TEXT: &str = r#"
+[pipeline]
+name = "g"
+[stages.web]
+kind = "source"
+data = "web.bin"
+seed = 1
+[stages.chat]
+kind = "source"
+data = "chat.bin"
+seed = 2
+[stages.train]
+kind = "train"
+activations = ["web", "chat"]
+k = 4
+[stages.report]
+kind = "sink"
+from = "train"
+[stages.alone]
+kind = "sink"
+"#;
+
+    fn pipeline() -> Pipeline {
+        let env = |_: &str| None;
+        crate::config::load_str(Path::new("/p/g.toml"), TEXT, &[], &kinds::registry(), &env).unwrap()
+    }
+
+    fn check(format: GraphFormat, expected: &str) {
+        assert_eq!(render(&pipeline(), format), expected);
+    }
+
+    use std::path::Path;
+
+    #[test]
+    fn ancestors_and_descendants() {
+        let dag = Dag::new(&pipeline());
+        let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+        assert_eq!(dag.ancestors("report"), set(&["chat", "report", "train", "web"]));
+        assert_eq!(dag.descendants("web"), set(&["report", "train", "web"]));
+        assert_eq!(dag.parents("train"), set(&["chat", "web"]));
+        assert_eq!(dag.descendants("alone"), set(&["alone"]));
+    }
+
+    #[test]
+    fn text() {
+        check(
+            GraphFormat::Text,
+            "alone (sink)\nchat (source)\nweb (source)\ntrain (train)  [activations <- web, chat]\nreport (sink)  [from <- train]\n",
+        );
+    }
+
+    #[test]
+    fn dot() {
+        check(
+            GraphFormat::Dot,
+            r#"digraph "g" {
+  rankdir=LR;
+  node [shape=box];
+  "alone" [label="alone\n(sink)"];
+  "chat" [label="chat\n(source)"];
+  "web" [label="web\n(source)"];
+  "train" [label="train\n(train)"];
+  "report" [label="report\n(sink)"];
+  "web" -> "train" [label="activations"];
+  "chat" -> "train" [label="activations"];
+  "train" -> "report" [label="from"];
+}
+"#,
+        );
+    }
+
+    #[test]
+    fn mermaid() {
+        check(
+            GraphFormat::Mermaid,
+            "flowchart LR\n  s0[\"alone<br/>(sink)\"]\n  s1[\"chat<br/>(source)\"]\n  s2[\"web<br/>(source)\"]\n  s3[\"train<br/>(train)\"]\n  s4[\"report<br/>(sink)\"]\n  s2 -->|activations| s3\n  s1 -->|activations| s3\n  s3 -->|from| s4\n",
+        );
+    }
+}

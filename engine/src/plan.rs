@@ -330,3 +330,117 @@ pub fn explain(
 pub fn params_json(c: &Canon) -> serde_json::Value {
     c.to_json()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::tests::kinds;
+    use crate::exec::{RunOptions, run};
+
+    const TEXT: &str = r#"
+[pipeline]
+name = "p"
+[stages.web]
+kind = "source"
+data = "web.bin"
+seed = 1
+[stages.train]
+kind = "train"
+activations = ["web"]
+k = 4
+"#;
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+        store: Store,
+        registry: Registry,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("web.bin"), b"tokens").unwrap();
+            let store = Store::open(&dir.path().join("ds")).unwrap();
+            Self { dir, store, registry: kinds::registry() }
+        }
+        fn load(&self, overrides: &[&str]) -> Pipeline {
+            let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+            let env = |_: &str| None;
+            crate::config::load_str(&self.dir.path().join("p.toml"), TEXT, &o, &self.registry, &env).unwrap()
+        }
+        /// (name, state, action, reasons) per stage.
+        fn plan(&self, overrides: &[&str]) -> Vec<(String, &'static str, &'static str, Vec<String>)> {
+            let p =
+                plan(&self.load(overrides), &self.registry, &self.store, &PlanOptions::default()).unwrap();
+            p.stages.into_iter().map(|s| (s.name, s.state.as_str(), s.action.as_str(), s.reasons)).collect()
+        }
+        fn run(&self, overrides: &[&str]) {
+            let p = self.load(overrides);
+            let pl = plan(&p, &self.registry, &self.store, &PlanOptions::default()).unwrap();
+            assert!(run(&p, &self.registry, &self.store, &pl, &RunOptions::default()).unwrap().ok());
+        }
+    }
+
+    #[test]
+    fn first_plan_runs_everything() {
+        let f = Fixture::new();
+        let p = f.plan(&[]);
+        assert_eq!(p[0].1, "missing");
+        assert_eq!(p[0].2, "run");
+        assert_eq!(p[0].3, ["no output with this key yet (first run of `web`)"]);
+    }
+
+    #[test]
+    fn a_changed_parameter_is_explained_by_path_and_descendants_by_upstream() {
+        let f = Fixture::new();
+        f.run(&[]);
+        assert!(f.plan(&[]).iter().all(|s| s.1 == "cached" && s.2 == "skip"));
+        let p = f.plan(&["stages.train.k=8"]);
+        assert_eq!((p[0].1, p[0].2), ("cached", "skip"));
+        assert_eq!((p[1].1, p[1].2), ("stale", "run"));
+        assert_eq!(p[1].3, ["parameter k: 4 -> 8"]);
+        let p = f.plan(&["stages.web.seed=3"]);
+        assert_eq!(p[0].3, ["parameter seed: 1 -> 3"]);
+        assert_eq!(p[1].3, ["upstream `web` (input `activations`) changed"]);
+    }
+
+    #[test]
+    fn a_changed_input_file_is_named() {
+        let f = Fixture::new();
+        f.run(&[]);
+        std::fs::write(f.dir.path().join("web.bin"), b"tokens!").unwrap();
+        let p = f.plan(&[]);
+        assert_eq!(p[0].3.len(), 1);
+        assert!(p[0].3[0].starts_with("content of input `data` changed ("), "{:?}", p[0].3);
+        assert!(p[0].3[0].ends_with("web.bin)"), "{:?}", p[0].3);
+    }
+
+    #[test]
+    fn a_stage_version_change_is_explained() {
+        let old =
+            PreImage { kind: "x".into(), version: 1, params: Canon::Null, inputs: vec![], external: vec![] };
+        let new = PreImage { version: 2, ..old.clone() };
+        let f = Fixture::new();
+        let p = f.load(&[]);
+        assert_eq!(
+            explain(&old, &new, &BTreeMap::new(), &p.stages[0]),
+            ["stage version of `x` changed: 1 -> 2"]
+        );
+    }
+
+    #[test]
+    fn missing_inputs_are_all_named() {
+        let f = Fixture::new();
+        let text = TEXT.replace(
+            "[stages.train]",
+            "[stages.chat]\nkind = \"source\"\ndata = \"chat.bin\"\nseed = 2\n[stages.train]",
+        );
+        let env = |_: &str| None;
+        let p = crate::config::load_str(&f.dir.path().join("p.toml"), &text, &[], &f.registry, &env).unwrap();
+        std::fs::remove_file(f.dir.path().join("web.bin")).unwrap();
+        let err = plan(&p, &f.registry, &f.store, &PlanOptions::default()).unwrap_err().to_string();
+        assert!(err.contains("stage `chat`: input `data`"), "{err}");
+        assert!(err.contains("stage `web`: input `data`"), "{err}");
+        assert!(err.contains("No such file or directory"), "{err}");
+    }
+}
