@@ -133,6 +133,8 @@ impl Stage for Sink {
 struct Fixture {
     registry: Registry,
     display: PathBuf,
+    /// `PIPE_FUZZ_DEBUG` set: print each outcome (to check what a seed reaches).
+    debug: bool,
 }
 
 fn fixture() -> &'static Fixture {
@@ -147,7 +149,8 @@ fn fixture() -> &'static Fixture {
         let _ = std::fs::write(dir.join("self.toml"), "[pipeline]\nname = \"self\"\nextends = \"self.toml\"\n");
         let mut registry = Registry::new();
         registry.register(Source).register(Train).register(Sink);
-        Fixture { registry, display: dir.join("pipeline.toml") }
+        let debug = std::env::var_os("PIPE_FUZZ_DEBUG").is_some();
+        Fixture { registry, display: dir.join("pipeline.toml"), debug }
     })
 }
 
@@ -171,11 +174,18 @@ fuzz_target!(|data: &[u8]| {
     match load_str(&fx.display, &text, &overrides, &fx.registry, &env) {
         Err(e) => {
             let rendered = format!("{e}");
+            if fx.debug {
+                eprintln!("--- Err\n{rendered}");
+            }
             std::hint::black_box(rendered);
         }
         Ok(p) => {
             for format in [GraphFormat::Text, GraphFormat::Dot, GraphFormat::Mermaid] {
-                std::hint::black_box(graph::render(&p, format));
+                let g = graph::render(&p, format);
+                if fx.debug && format == GraphFormat::Text {
+                    eprintln!("--- Ok\n{g}");
+                }
+                std::hint::black_box(g);
             }
             let dag = graph::Dag::new(&p);
             if let Some(first) = p.stages.first() {
