@@ -223,7 +223,12 @@ fn stages<'r: 't, 't>(
 }
 
 fn kinds_help(cx: &Cx<'_>) -> String {
-    format!("known kinds: {}", cx.registry.kind_names().join(", "))
+    let names = cx.registry.kind_names();
+    if names.is_empty() {
+        "this build knows no stage kinds".to_string()
+    } else {
+        format!("known kinds: {}", names.join(", "))
+    }
 }
 
 fn stage<'r: 't, 't>(
