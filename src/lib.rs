@@ -132,7 +132,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Remove objects and partials that no kept pipeline or recent run references.
+    /// Remove objects and partials that no kept pipeline or recent run references, and old run records.
     #[command(after_help = "Example:\n  pipe gc --keep pipelines/llama8b.toml --keep-days 0 --dry-run")]
     Gc {
         /// Keep every output of this pipeline (repeatable).
@@ -380,8 +380,9 @@ fn dispatch(cli: Cli, registry: &Registry, cancel: Cancel) -> Result<u8> {
             let store = open_store(&ds, quiet, pipes.first())?;
             let plans: Vec<_> =
                 pipes.iter().map(|p| plan_of(p, registry, &store, &[])).collect::<Result<_>>()?;
-            let keep = engine::report::gc_keep(&store, &plans, keep_days);
-            let r = store.gc(&keep, dry_run)?;
+            let horizon = engine::report::gc_horizon(keep_days);
+            let keep = engine::report::gc_keep(&store, &plans, &horizon);
+            let r = store.gc(&keep, &horizon, dry_run)?;
             if json {
                 print_json(&engine::report::gc_json(&r, dry_run));
             } else {

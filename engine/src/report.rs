@@ -330,14 +330,18 @@ pub fn diff_text(v: &Value) -> String {
     s
 }
 
+/// The RFC 3339 time `keep_days` days ago: runs that finished after it are recent.
+pub fn gc_horizon(keep_days: u64) -> String {
+    let t = std::time::SystemTime::now() - std::time::Duration::from_secs(keep_days.saturating_mul(86_400));
+    crate::store::rfc3339(t)
+}
+
 /// The keys `gc` keeps: every stage of the `keep` plans, plus every key named by a run record
-/// that finished within `keep_days` days (or is still running).
-pub fn gc_keep(store: &Store, keep: &[Plan], keep_days: u64) -> BTreeSet<Key> {
+/// that finished after `horizon` (or is still running).
+pub fn gc_keep(store: &Store, keep: &[Plan], horizon: &str) -> BTreeSet<Key> {
     let mut out: BTreeSet<Key> = keep.iter().flat_map(|p| p.stages.iter().map(|s| s.key)).collect();
-    let horizon = std::time::SystemTime::now() - std::time::Duration::from_secs(keep_days * 86_400);
-    let horizon = crate::store::rfc3339(horizon);
     for r in store.all_runs() {
-        let recent = r.status == "running" || r.finished.as_deref().is_some_and(|f| f > horizon.as_str());
+        let recent = r.status == "running" || r.finished.as_deref().is_some_and(|f| f > horizon);
         if recent {
             out.extend(r.stages.values().filter_map(|s| Key::parse(&s.key)));
         }
@@ -346,7 +350,10 @@ pub fn gc_keep(store: &Store, keep: &[Plan], keep_days: u64) -> BTreeSet<Key> {
 }
 
 pub fn gc_json(r: &GcReport, dry_run: bool) -> Value {
-    json!({"dry_run": dry_run, "removed": r.removed, "bytes_freed": r.bytes_freed, "kept": r.kept, "busy": r.busy})
+    json!({
+        "dry_run": dry_run, "removed": r.removed, "bytes_freed": r.bytes_freed, "kept": r.kept,
+        "busy": r.busy, "records_removed": r.records_removed,
+    })
 }
 
 pub fn gc_text(r: &GcReport, dry_run: bool) -> String {
@@ -364,10 +371,11 @@ pub fn gc_text(r: &GcReport, dry_run: bool) -> String {
     }
     let _ = writeln!(
         s,
-        "{} {} in {} entries; kept {}{}",
+        "{} {} in {} entries and {} old run records; kept {}{}",
         if dry_run { "would free" } else { "freed" },
         human_bytes(r.bytes_freed),
         r.removed.len(),
+        r.records_removed,
         r.kept,
         if r.busy > 0 { format!(", {} in use", r.busy) } else { String::new() }
     );

@@ -8,7 +8,7 @@
 //! work/<kind>/<key>/{preimage.json, progress.json, scratch/, object/{log.txt, out/}}   partial
 //! locks/<key>.lock, locks/store.lock                      advisory flock(2) locks
 //! memo/<xx>/<dev-ino-size-mtime>                          external file hash memo
-//! runs/<pipeline>/<utc>-<pid>.json                        one record per `pipe run`
+//! runs/<pipeline>/<utc>-<ns>-<pid>.json                   one record per `pipe run`
 //! results/<pipeline>/<stage> -> ../../objects/<kind>/<key>/out
 //! ```
 //! Publishing is one `rename(2)` of `work/<kind>/<key>/object` to `objects/<kind>/<key>`, so an
@@ -430,6 +430,10 @@ impl Store {
         let rel = obj.out_dir().strip_prefix(&self.root).map(|p| Path::new("../..").join(p));
         let target = rel.unwrap_or_else(|_| obj.out_dir());
         let link = dir.join(stage);
+        // A no-op run relinks every stage; leave a correct link alone (no rename, no metadata write).
+        if fs::read_link(&link).is_ok_and(|t| t == target) {
+            return Ok(link);
+        }
         let tmp = dir.join(format!(".{stage}.tmp-{}-{}", std::process::id(), unique()));
         std::os::unix::fs::symlink(&target, &tmp).map_err(io_err(&tmp))?;
         fs::rename(&tmp, &link).map_err(io_err(&link))?;
@@ -442,10 +446,12 @@ impl Store {
         self.root.join("runs").join(pipeline)
     }
 
+    /// `runs/<pipeline>/<utc>-<ns>-<pid>.json`: names sort in start order, even within a second.
     pub fn new_run_path(&self, pipeline: &str, started: SystemTime) -> Result<PathBuf, StoreError> {
         check_name("pipeline", pipeline)?;
         let ts = rfc3339(started).replace([':', '-'], "");
-        Ok(self.runs_dir(pipeline).join(format!("{ts}-{}-{}.json", std::process::id(), unique() % 1000)))
+        let ns = started.duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+        Ok(self.runs_dir(pipeline).join(format!("{ts}-{ns:09}-{}.json", std::process::id())))
     }
 
     /// Run records of a pipeline, newest first, read lazily (a long history costs only what the
@@ -500,8 +506,9 @@ impl Store {
     }
 
     /// Removes every object and partial whose key is not in `keep`, skipping keys locked by a
-    /// running stage. Takes the store lock exclusively: refuses while a `pipe run` is active.
-    pub fn gc(&self, keep: &BTreeSet<Key>, dry_run: bool) -> Result<GcReport, GcError> {
+    /// running stage, and the run records that finished before `records_before` (RFC 3339), except
+    /// each pipeline's newest. Takes the store lock exclusively: refuses while a `pipe run` is active.
+    pub fn gc(&self, keep: &BTreeSet<Key>, records_before: &str, dry_run: bool) -> Result<GcReport, GcError> {
         let _guard = self.try_lock_exclusive()?.ok_or(GcError::Busy)?;
         let mut report = GcReport::default();
         for (kind, key, partial, dir) in self.entries() {
@@ -524,6 +531,7 @@ impl Store {
             report.bytes_freed += bytes;
             report.removed.push(GcEntry { kind, key: key.hex(), partial, bytes });
         }
+        self.prune_runs(records_before, dry_run, &mut report);
         if !dry_run {
             self.prune_results()?;
             let tmp = self.root.join("tmp");
@@ -534,6 +542,27 @@ impl Store {
             }
         }
         Ok(report)
+    }
+
+    /// Old run records: all but the newest of each pipeline (plans explain changes against it).
+    fn prune_runs(&self, before: &str, dry_run: bool, report: &mut GcReport) {
+        let Ok(dirs) = fs::read_dir(self.root.join("runs")) else { return };
+        for d in dirs.filter_map(|e| e.ok()) {
+            let mut paths = record_paths(&d.path());
+            paths.pop();
+            for p in paths {
+                let old = read_record(&p).is_some_and(|r| {
+                    r.status != "running" && r.finished.as_deref().is_some_and(|f| f <= before)
+                });
+                if old {
+                    report.records_removed += 1;
+                    report.bytes_freed += fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+                    if !dry_run {
+                        let _ = fs::remove_file(&p);
+                    }
+                }
+            }
+        }
     }
 
     /// Removes `results/` links whose object is gone.
@@ -656,6 +685,8 @@ pub struct GcReport {
     pub kept: usize,
     /// Entries skipped because a running stage holds their lock.
     pub busy: usize,
+    /// Run records removed (older than the horizon, not a pipeline's newest).
+    pub records_removed: usize,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -850,7 +881,7 @@ mod tests {
         let b = publish(&store, &pre(6), b"drop me");
         let b_bytes = dir_size(&b.dir);
         let keep = BTreeSet::from([pre(5).key()]);
-        let r = store.gc(&keep, false).unwrap();
+        let r = store.gc(&keep, "", false).unwrap();
         assert_eq!(r.removed.len(), 1);
         assert_eq!(r.bytes_freed, b_bytes);
         assert!(a.dir.exists());
@@ -864,7 +895,7 @@ mod tests {
         let p = pre(7);
         publish(&store, &p, b"x");
         fs::create_dir_all(store.work_root("emit", &p.key()).join("scratch")).unwrap();
-        let r = store.gc(&BTreeSet::from([p.key()]), false).unwrap();
+        let r = store.gc(&BTreeSet::from([p.key()]), "", false).unwrap();
         assert_eq!(r.removed.len(), 1);
         assert!(r.removed[0].partial);
         assert!(store.lookup("emit", &p.key()).unwrap().is_some());
@@ -875,7 +906,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let store = Store::open(t.path()).unwrap();
         let _run = store.lock_shared().unwrap();
-        assert!(matches!(store.gc(&BTreeSet::new(), true), Err(GcError::Busy)));
+        assert!(matches!(store.gc(&BTreeSet::new(), "", true), Err(GcError::Busy)));
     }
 
     #[test]

@@ -55,6 +55,9 @@ fn gc_removes_what_nothing_references() {
     let removed = v["removed"].as_array().unwrap();
     assert_eq!(removed.len(), 2, "{v}"); // the 64-chunk b and its d
     assert!(v["bytes_freed"].as_u64().unwrap() > 64 * 1024);
+    // The older run record goes too; the newest of the pipeline stays for `plan`'s explanations.
+    assert_eq!(v["records_removed"], 1, "{v}");
+    assert_eq!(std::fs::read_dir(env.ds().join("runs/diamond")).unwrap().count(), 1);
     let st = env.json(&["status", "p.toml"]);
     assert!(st["stages"].as_array().unwrap().iter().all(|s| s["state"] == "cached"));
     assert!(env.ok(&["verify"]).contains("checked 4 objects: all intact"));
