@@ -212,7 +212,14 @@ pub fn run(
                     let cancel = opts.cancel.clone();
                     scope.spawn(move || {
                         let dev = device.clone().unwrap_or_else(|| "cpu".into());
-                        let (outcome, object) = execute(p, registry, store, s, upstream, dev, cancel);
+                        // A panic outside the stage (the stage's own is caught in `execute`) must still
+                        // report back, or the scheduler would wait for this stage forever.
+                        let (outcome, object) = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                            execute(p, registry, store, s, upstream, dev, cancel)
+                        }))
+                        .unwrap_or_else(|_| {
+                            (Outcome::Failed("internal error: the executor panicked".into()), None)
+                        });
                         let _ = tx.send(Done { name: decl_name, device, outcome, object });
                     });
                 }
