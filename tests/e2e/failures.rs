@@ -16,6 +16,16 @@ fn a_failed_stage_fails_only_its_descendants() {
 }
 
 #[test]
+fn a_panicking_stage_is_a_failed_stage() {
+    let env = Env::new();
+    env.write("p.toml", DIAMOND);
+    let err = env.stderr(&["run", "p.toml", "--set", "stages.c.panic=true", "--jobs", "2"], 1);
+    assert!(err.contains("failed       c: the stage panicked: told to panic"), "{err}");
+    assert!(err.contains("done         b"), "{err}");
+    assert!(err.contains("blocked      d: upstream `c` failed"), "{err}");
+}
+
+#[test]
 fn config_errors_name_file_line_and_key_and_exit_2() {
     let env = Env::new();
     env.write("p.toml", "[pipeline]\nname = \"x\"\n[stages.a]\nkind = \"emit\"\nseed = \"one\"\n");

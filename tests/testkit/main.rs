@@ -124,6 +124,8 @@ struct CombineParams {
     salt: String,
     /// Fail instead of producing output.
     fail: bool,
+    /// Panic instead of producing output.
+    panic: bool,
     delay_ms: u64,
 }
 
@@ -143,6 +145,7 @@ impl Stage for Combine {
         if p.fail {
             return Err(StageError::failed("told to fail (fail = true)"));
         }
+        assert!(!p.panic, "told to panic (panic = true)");
         let mut h = blake3::Hasher::new();
         h.update(p.salt.as_bytes());
         let mut n = 0u64;
