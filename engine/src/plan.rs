@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use crate::config::Pipeline;
 use crate::hash::HashError;
-use crate::key::{self, Canon, Key, PreImage};
+use crate::key::{self, Key, PreImage};
 use crate::stage::Registry;
 use crate::store::{Object, Partial, StageRecord, Store, StoreError};
 
@@ -326,11 +326,6 @@ pub fn explain(
     out
 }
 
-/// Canonical params of a stage as JSON (for `show` and `diff`).
-pub fn params_json(c: &Canon) -> serde_json::Value {
-    c.to_json()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -417,8 +412,13 @@ k = 4
 
     #[test]
     fn a_stage_version_change_is_explained() {
-        let old =
-            PreImage { kind: "x".into(), version: 1, params: Canon::Null, inputs: vec![], external: vec![] };
+        let old = PreImage {
+            kind: "x".into(),
+            version: 1,
+            params: crate::key::Canon::Null,
+            inputs: vec![],
+            external: vec![],
+        };
         let new = PreImage { version: 2, ..old.clone() };
         let f = Fixture::new();
         let p = f.load(&[]);
