@@ -4,6 +4,7 @@
 mod common;
 pub mod gemma2;
 pub mod llama;
+pub mod tiny;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
