@@ -259,6 +259,23 @@ fn open_store(flag: &Option<PathBuf>, quiet: bool, pipeline: Option<&Pipeline>) 
     Ok(store)
 }
 
+/// `--devices`: `cpu`, or accelerators as `cuda:N` / `metal:N`, each listed once.
+fn check_devices(devices: &[String]) -> Result<()> {
+    for (i, d) in devices.iter().enumerate() {
+        let ok = d == "cpu"
+            || d.split_once(':').is_some_and(|(kind, n)| {
+                matches!(kind, "cuda" | "metal") && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
+            });
+        if !ok {
+            bail!("--devices: `{d}` is not a device; write `cpu` or `cuda:0,cuda:1` (also `metal:N`)");
+        }
+        if devices[..i].contains(d) {
+            bail!("--devices: `{d}` is listed twice");
+        }
+    }
+    Ok(())
+}
+
 fn print_json(v: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
@@ -284,6 +301,7 @@ fn dispatch(cli: Cli, registry: &Registry, cancel: Cancel) -> Result<u8> {
                     bail!("--only {o}: no stage `{o}` in {}", p.file.display());
                 }
             }
+            check_devices(&devices)?;
             let store = open_store(&ds, quiet, Some(&p))?;
             let plan = plan_of(&p, registry, &store, &force)?;
             if dry_run {

@@ -83,6 +83,17 @@ fn accelerator_stages_get_one_device_each() {
 }
 
 #[test]
+fn bad_device_lists_are_refused() {
+    let env = Env::new();
+    env.write("p.toml", DIAMOND);
+    for bad in ["gpu0", "cuda:", "cuda:x", "cuda:0,cuda:0", ""] {
+        let err = env.stderr(&["run", "p.toml", "--devices", bad], 2);
+        assert!(err.contains("--devices"), "{bad}: {err}");
+    }
+    assert!(env.events().is_empty());
+}
+
+#[test]
 fn completions_and_help() {
     let env = Env::new();
     assert!(env.ok(&["completions", "bash"]).contains("pipe"));
