@@ -424,7 +424,7 @@ fn execute(
             };
             let secs = t0.elapsed().as_secs_f64();
             tracing::info!("finished {} in {secs:.2}s", s.name);
-            crate::logging::close(&s.name);
+            // The log stays open through publishing, so a publish error lands in it too.
             match store.publish(work, info, &lock) {
                 Ok(obj) => (Outcome::Done { seconds: secs, resumed }, Some(obj)),
                 Err(e) => fail(&e),
@@ -440,6 +440,7 @@ fn execute(
             (Outcome::Failed(msg), None)
         }
     };
+    // One close for every outcome (it fsyncs the log wherever the rename put it).
     crate::logging::close(&s.name);
     drop(lock);
     out
