@@ -402,7 +402,7 @@ fn execute(
     );
     let t0 = Instant::now();
     let started = SystemTime::now();
-    let result = std::panic::catch_unwind(AssertUnwindSafe(|| kind.run(&s.preimage.params, &mut ctx)))
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| kind.run(&s.run_params, &mut ctx)))
         .unwrap_or_else(|panic| {
             let msg = panic
                 .downcast_ref::<&str>()

@@ -132,6 +132,19 @@ impl Canon {
             _ => None,
         }
     }
+
+    /// A map without the top-level `keys` (anything else is returned as is).
+    pub fn without(&self, keys: &[&str]) -> Canon {
+        match self {
+            Canon::Map(m) => Canon::Map(
+                m.iter()
+                    .filter(|(k, _)| !keys.contains(&k.as_str()))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            ),
+            other => other.clone(),
+        }
+    }
 }
 
 impl fmt::Display for Canon {

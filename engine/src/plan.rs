@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use crate::config::Pipeline;
 use crate::hash::HashError;
-use crate::key::{self, Key, PreImage};
+use crate::key::{self, Canon, Key, PreImage};
 use crate::stage::Registry;
 use crate::store::{Object, Partial, StageRecord, Store, StoreError};
 
@@ -60,6 +60,9 @@ pub struct StagePlan {
     pub kind: String,
     pub key: Key,
     pub preimage: PreImage,
+    /// All parameters, [`Stage::UNKEYED`](crate::stage::Stage::UNKEYED) ones included: what `run`
+    /// is given. The key's pre-image holds the rest.
+    pub run_params: Canon,
     pub state: State,
     pub action: Action,
     pub reasons: Vec<String>,
@@ -158,11 +161,13 @@ pub fn plan(p: &Pipeline, registry: &Registry, store: &Store, opts: &PlanOptions
         return Err(PlanError::Inputs(errors));
     }
     for s in &p.stages {
-        let version = registry.get(&s.kind).map(|k| k.version()).unwrap_or(0);
+        let kind = registry.get(&s.kind);
+        let version = kind.map(|k| k.version()).unwrap_or(0);
+        let unkeyed = kind.map(|k| k.unkeyed()).unwrap_or_default();
         let pre = PreImage {
             kind: s.kind.clone(),
             version,
-            params: s.params.clone(),
+            params: s.params.without(unkeyed),
             inputs: s
                 .inputs
                 .iter()
@@ -234,6 +239,7 @@ pub fn plan(p: &Pipeline, registry: &Registry, store: &Store, opts: &PlanOptions
             kind: s.kind.clone(),
             key,
             preimage: pre,
+            run_params: s.params.clone(),
             state,
             action,
             reasons,

@@ -33,7 +33,61 @@ pub enum InputSource {
     Stage { kinds: &'static [&'static str] },
     /// A file or folder outside the datastore (model folder, dataset file). Its content enters the
     /// key; `${VAR}` is expanded in it and a relative path is resolved against the pipeline file.
+    /// A value that names no local path may be a reference for the input's [`Resolver`].
     Path,
+}
+
+/// Turns a path input's value that is not a local path into one, e.g. `org/name@rev` into a folder
+/// of a local cache. `raw` is the value after `${VAR}` and `~` expansion. Returns `Ok(None)` when
+/// `raw` is not a reference (it is then taken as a path), `Err` when it is one that cannot be
+/// resolved. A resolver may read the disk but must not reach the network.
+pub type Resolver = fn(raw: &str, cx: &ResolveCx<'_>) -> Result<Option<PathBuf>, ResolveError>;
+
+/// What a [`Resolver`] may consult: the folder of the file that wrote the value and the
+/// environment lookup of the loader (injectable, so tests need not touch the process environment).
+#[derive(Clone, Copy)]
+pub struct ResolveCx<'a> {
+    dir: &'a Path,
+    env: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl<'a> ResolveCx<'a> {
+    pub fn new(dir: &'a Path, env: &'a dyn Fn(&str) -> Option<String>) -> Self {
+        Self { dir, env }
+    }
+    /// The absolute folder relative paths of this value resolve against (the pipeline file's
+    /// folder; the current directory for `--set`).
+    pub fn dir(&self) -> &'a Path {
+        self.dir
+    }
+    pub fn env(&self, name: &str) -> Option<String> {
+        (self.env)(name)
+    }
+}
+
+impl fmt::Debug for ResolveCx<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResolveCx").field("dir", &self.dir).finish_non_exhaustive()
+    }
+}
+
+/// Why a reference could not be resolved; reported as a config error at the value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResolveError {
+    /// What is missing and where it was looked for; lowercase, one line.
+    pub message: String,
+    /// What to do about it.
+    pub help: Option<String>,
+}
+
+impl ResolveError {
+    pub fn new(message: impl Into<String>) -> Self {
+        Self { message: message.into(), help: None }
+    }
+    pub fn with_help(mut self, help: impl Into<String>) -> Self {
+        self.help = Some(help.into());
+        self
+    }
 }
 
 /// One declared input of a stage kind: a field of the stage table that names other stages or
@@ -44,11 +98,13 @@ pub struct InputSpec {
     pub source: InputSource,
     pub arity: Arity,
     pub doc: &'static str,
+    /// For a path input: how a value that names no local path becomes one (see [`Resolver`]).
+    pub resolver: Option<Resolver>,
 }
 
 impl InputSpec {
     pub const fn stage(name: &'static str, arity: Arity, doc: &'static str) -> Self {
-        Self { name, source: InputSource::Stage { kinds: &[] }, arity, doc }
+        Self { name, source: InputSource::Stage { kinds: &[] }, arity, doc, resolver: None }
     }
     pub const fn stage_of(
         name: &'static str,
@@ -56,10 +112,18 @@ impl InputSpec {
         arity: Arity,
         doc: &'static str,
     ) -> Self {
-        Self { name, source: InputSource::Stage { kinds }, arity, doc }
+        Self { name, source: InputSource::Stage { kinds }, arity, doc, resolver: None }
     }
     pub const fn path(name: &'static str, arity: Arity, doc: &'static str) -> Self {
-        Self { name, source: InputSource::Path, arity, doc }
+        Self { name, source: InputSource::Path, arity, doc, resolver: None }
+    }
+    /// Lets a path input's values be references: a value that names no existing local path, or
+    /// one with an explicit scheme (`hf:org/name`), is handed to `resolver`. Panics on a stage
+    /// input (a programming error, caught when the stage kind's inputs are first built).
+    pub const fn with_resolver(mut self, resolver: Resolver) -> Self {
+        assert!(matches!(self.source, InputSource::Path), "only path inputs take a resolver");
+        self.resolver = Some(resolver);
+        self
     }
 }
 
@@ -83,6 +147,10 @@ pub trait Stage: Send + Sync + 'static {
     const VERSION: u32;
     /// One line for `--help`, the schema and docs.
     const DOC: &'static str;
+    /// Top-level parameters that change how a stage runs but never what it produces (micro-batch
+    /// sizes, thread counts). They are passed to `run` but do not enter the key, so changing one
+    /// reruns nothing. Only list a parameter here when outputs are equal whatever its value.
+    const UNKEYED: &'static [&'static str] = &[];
 
     fn inputs(&self) -> Vec<InputSpec> {
         Vec::new()
@@ -250,6 +318,8 @@ pub trait DynStage: Send + Sync {
     fn kind(&self) -> &'static str;
     fn version(&self) -> u32;
     fn doc(&self) -> &'static str;
+    /// See [`Stage::UNKEYED`].
+    fn unkeyed(&self) -> &'static [&'static str];
     fn inputs(&self) -> &[InputSpec];
     fn device(&self) -> DeviceUse;
     /// JSON Schema of the parameters (inputs and `kind` are added by the engine).
@@ -285,6 +355,9 @@ impl<S: Stage> DynStage for Erased<S> {
     }
     fn doc(&self) -> &'static str {
         S::DOC
+    }
+    fn unkeyed(&self) -> &'static [&'static str] {
+        S::UNKEYED
     }
     fn inputs(&self) -> &[InputSpec] {
         &self.inputs

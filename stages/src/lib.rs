@@ -1,12 +1,17 @@
 //! The stage kinds of `pipe`. Each kind lives in its own module and is registered in [`registry`].
-//! The ML stages (cache, train, scale, collect, plot) arrive with their issues.
+//! The ML stages (train, scale, collect, plot) arrive with their issues.
 
+pub mod cache;
+pub mod hf;
 pub mod models;
+pub mod rng;
 pub mod text;
 
 use engine::Registry;
 
 /// Every stage kind this build of `pipe` knows.
 pub fn registry() -> Registry {
-    Registry::new()
+    let mut r = Registry::new();
+    r.register(cache::CacheStage);
+    r
 }

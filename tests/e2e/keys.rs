@@ -132,3 +132,21 @@ fn external_input_content_enters_the_key_and_is_memoized() {
     assert_eq!(v["hashed"]["files"], 1);
     assert!(v["stages"][0]["reasons"].to_string().contains("content of input `data` changed"), "{v}");
 }
+
+#[test]
+fn unkeyed_parameters_rerun_nothing_but_reach_the_stage() {
+    let env = Env::new();
+    env.write("base.toml", DIAMOND);
+    env.ok(&["run", "base.toml"]);
+    // `delay_ms` of `emit` is declared UNKEYED: same keys, nothing to do.
+    let acts = env.actions("base.toml", &["--set", "stages.a.delay_ms=7"]);
+    assert!(all(&acts, "skip"), "{acts:?}");
+    let show = env.json(&["show", "base.toml", "a", "--set", "stages.a.delay_ms=7"]);
+    assert_eq!(show["params"]["delay_ms"], 7, "shown with the other parameters");
+    // A run that computes the stage gets the unkeyed value.
+    let set = ["--set", "stages.a.delay_ms=7", "--set", "stages.a.seed=11"];
+    env.ok(&[&["run", "base.toml"][..], &set].concat());
+    let out = env.out_with("base.toml", "a", &set);
+    let log = std::fs::read_to_string(out.parent().unwrap().join("log.txt")).unwrap();
+    assert!(log.contains("delay_ms = 7"), "{log}");
+}

@@ -5,11 +5,18 @@ use std::process::{Child, Command, Output, Stdio};
 
 pub struct Env {
     pub dir: tempfile::TempDir,
+    bin: &'static str,
 }
 
 impl Env {
+    /// Runs `pipe-testkit` (the engine-test stage kinds).
     pub fn new() -> Self {
-        Self { dir: tempfile::tempdir().unwrap() }
+        Self { dir: tempfile::tempdir().unwrap(), bin: env!("CARGO_BIN_EXE_pipe-testkit") }
+    }
+
+    /// Runs the real `pipe` binary (the ML stage kinds).
+    pub fn pipe() -> Self {
+        Self { dir: tempfile::tempdir().unwrap(), bin: env!("CARGO_BIN_EXE_pipe") }
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -28,7 +35,7 @@ impl Env {
     }
 
     pub fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_pipe-testkit"));
+        let mut c = Command::new(self.bin);
         c.args(args)
             .current_dir(self.dir.path())
             .env("DATASTORE", self.ds())
@@ -102,7 +109,12 @@ impl Env {
 
     /// The published out/ folder of a stage, from `pipe status --json`.
     pub fn out(&self, file: &str, stage: &str) -> PathBuf {
-        let v = self.json(&["status", file]);
+        self.out_with(file, stage, &[])
+    }
+
+    /// [`Env::out`] with extra arguments (`--set ...`).
+    pub fn out_with(&self, file: &str, stage: &str, extra: &[&str]) -> PathBuf {
+        let v = self.json(&[&["status", file][..], extra].concat());
         let s = v["stages"].as_array().unwrap().iter().find(|s| s["name"] == stage).unwrap();
         assert_eq!(s["state"], "cached", "{stage} is not cached: {s}");
         PathBuf::from(s["path"].as_str().unwrap())

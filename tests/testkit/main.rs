@@ -56,6 +56,7 @@ impl Stage for Emit {
     const KIND: &'static str = "emit";
     const VERSION: u32 = 1;
     const DOC: &'static str = "Test source: deterministic bytes in resumable chunks.";
+    const UNKEYED: &'static [&'static str] = &["delay_ms"];
 
     fn inputs(&self) -> Vec<InputSpec> {
         vec![InputSpec::path("data", Arity::Optional, "A file whose content is mixed into the bytes.")]
@@ -70,6 +71,7 @@ impl Stage for Emit {
 
     fn run(&self, p: &EmitParams, ctx: &mut StageContext) -> Result<(), StageError> {
         event(ctx, "emit", if ctx.resumed() { "resume" } else { "start" });
+        tracing::info!("delay_ms = {}", p.delay_ms);
         let extra = match ctx.external("data").first() {
             Some(path) => fs::read(path).map_err(|e| StageError::io(path.display(), e))?,
             None => Vec::new(),

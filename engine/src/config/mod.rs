@@ -4,8 +4,10 @@
 //!
 //! Two layers: a spanned value tree that mirrors the files (values remember which file and byte
 //! range they came from, through merging and overrides) and the validated [`Pipeline`] the rest
-//! of the engine uses. Only reading the pipeline file and the files it extends touches the disk;
-//! path inputs are not checked for existence here (that happens when they are hashed).
+//! of the engine uses. Only reading the pipeline file and the files it extends touches the disk,
+//! with one exception: a path input whose kind declares a resolver (a Hugging Face cache
+//! reference, say) is looked up locally and, when absent, handed to the resolver. Other path
+//! inputs are not checked for existence here (that happens when they are hashed).
 //!
 //! ```toml
 //! [pipeline]
@@ -65,7 +67,8 @@ impl fmt::Display for Location {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ExternalInput {
     pub role: String,
-    /// Absolute, `${VAR}` and `~` expanded, in the written order. Not checked for existence.
+    /// Absolute, `${VAR}` and `~` expanded, references resolved, in the written order. Not
+    /// checked for existence.
     pub paths: Vec<PathBuf>,
     /// Where the value is written.
     pub at: Location,

@@ -50,6 +50,19 @@ pub(crate) fn expand(raw: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<
     Ok(out)
 }
 
+/// Whether a value starts with an explicit scheme, `name:` before any `/` (`hf:org/name`). Such a
+/// value of a path input with a resolver is a reference, never a local path. A scheme has two
+/// characters or more, so a drive letter (`C:`) is none.
+pub(crate) fn has_scheme(value: &str) -> bool {
+    let Some((scheme, _)) = value.split_once(':') else {
+        return false;
+    };
+    let mut chars = scheme.chars();
+    scheme.len() >= 2
+        && chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+}
+
 /// `path` made absolute against `dir`, with `.` components removed. `..` is kept: removing it
 /// lexically would be wrong under symlinks.
 pub(crate) fn resolve(dir: &Path, path: &str) -> PathBuf {
@@ -97,6 +110,16 @@ mod tests {
         check("${X", Err(ExpandError::Unterminated));
         check("${}", Err(ExpandError::EmptyName));
         check("", Err(ExpandError::Empty));
+    }
+
+    #[test]
+    fn schemes() {
+        for yes in ["hf:org/name", "hf:", "s3+x.y-z:a", "HF:org/name@main"] {
+            assert!(has_scheme(yes), "{yes}");
+        }
+        for no in ["org/name", "C:/x", "/abs/hf:x", "a/hf:x", "./hf:x", "1hf:x", "h f:x", ":x", "~/x", ""] {
+            assert!(!has_scheme(no), "{no}");
+        }
     }
 
     #[test]

@@ -11,7 +11,11 @@ pub(crate) mod kinds {
     use schemars::JsonSchema;
     use serde::{Deserialize, Serialize};
 
-    use crate::stage::{Arity, InputSpec, ParamError, Registry, Stage, StageContext, StageError};
+    use std::path::{Path, PathBuf};
+
+    use crate::stage::{
+        Arity, InputSpec, ParamError, Registry, ResolveCx, ResolveError, Stage, StageContext, StageError,
+    };
 
     pub struct Source;
 
@@ -128,6 +132,69 @@ pub(crate) mod kinds {
     pub fn registry() -> Registry {
         let mut r = Registry::new();
         r.register(Source).register(Train).register(Sink).register(Bundle);
+        r
+    }
+
+    /// Path inputs whose values may be references, resolved by [`test_ref`].
+    pub struct Model;
+
+    #[derive(Serialize, Deserialize, JsonSchema)]
+    #[serde(deny_unknown_fields)]
+    pub struct ModelParams {}
+
+    impl Stage for Model {
+        type Params = ModelParams;
+        const KIND: &'static str = "model";
+        const VERSION: u32 = 1;
+        const DOC: &'static str = "Reads a model folder.";
+        fn inputs(&self) -> Vec<InputSpec> {
+            const BASE: InputSpec =
+                InputSpec::path("base", Arity::One, "A model folder or reference.").with_resolver(test_ref);
+            vec![BASE, InputSpec::path("extra", Arity::Many, "").with_resolver(test_ref)]
+        }
+        fn run(&self, _: &ModelParams, _: &mut StageContext) -> Result<(), StageError> {
+            Ok(())
+        }
+    }
+
+    /// A resolver for the tests: `org/name`, or `ref:org/name` whatever is on disk, is the folder
+    /// `${REFS}/org--name`, which must exist.
+    pub fn test_ref(raw: &str, cx: &ResolveCx<'_>) -> Result<Option<PathBuf>, ResolveError> {
+        let (value, explicit) = match raw.strip_prefix("ref:") {
+            Some(rest) => (rest, true),
+            None => (raw, false),
+        };
+        let reference = match value.split_once('/') {
+            Some((org, name)) if !org.is_empty() && !name.contains('/') && !org.starts_with('.') => {
+                Some((org, name))
+            }
+            _ => None,
+        };
+        let Some((org, name)) = reference else {
+            return if explicit {
+                Err(ResolveError::new(format!("`{raw}` is no reference")))
+            } else {
+                Ok(None)
+            };
+        };
+        let refs = cx.env("REFS").ok_or_else(|| ResolveError::new("`REFS` is not set"))?;
+        let dir = Path::new(&refs).join(format!("{org}--{name}"));
+        if !dir.is_dir() {
+            let local = cx.dir().join(value);
+            return Err(ResolveError::new(format!(
+                "`{value}` is neither a local path (`{}`) nor in the test cache (`{}`)",
+                local.display(),
+                dir.display()
+            ))
+            .with_help(format!("put it into `{refs}`")));
+        }
+        Ok(Some(dir))
+    }
+
+    /// [`registry`] and [`Model`].
+    pub fn with_refs() -> Registry {
+        let mut r = registry();
+        r.register(Model);
         r
     }
 }
@@ -690,6 +757,80 @@ fn relative_paths_resolve_against_the_file() {
     assert_eq!(p.stage("s").expect("s").external[0].paths, [cwd().join("pipelines/d/x.jsonl")]);
     assert_eq!(p.file, cwd().join(FILE));
     assert_eq!(p.files, [cwd().join(FILE)]);
+}
+
+// ---- references (path inputs with a resolver) ----
+
+/// A temp dir with a pipeline folder `p/` and a reference cache `refs/` holding `org--model`.
+fn refs_files(extra: &[(&str, &str)]) -> Files {
+    let mut files = vec![("refs/org--model/config.json", "{}"), ("refs/org--data/a.jsonl", "")];
+    files.extend_from_slice(extra);
+    Files::new(&files)
+}
+
+fn load_refs(f: &Files, text: &str, overrides: &[&str]) -> Result<Pipeline, ConfigErrors> {
+    let refs = f.path("refs").display().to_string();
+    let env = move |k: &str| if k == "REFS" { Some(refs.clone()) } else { env(k) };
+    let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+    std::fs::write(f.path("p/x.toml"), text).expect("write");
+    load_with_env(&f.path("p/x.toml"), &overrides, &kinds::with_refs(), &env)
+}
+
+const REFS: &str =
+    "[pipeline]\nname = \"x\"\n[stages.m]\nkind = \"model\"\nbase = \"org/model\"\nextra = \"org/data\"\n";
+
+#[test]
+fn references_resolve_to_the_resolvers_path() {
+    let f = refs_files(&[("p/local/m/config.json", "{}")]);
+    let text = "[pipeline]\nname = \"x\"\n[stages.m]\nkind = \"model\"\nbase = \"org/model\"\nextra = [\"ref:org/data\", \"local/m\", \"${DATA}/x\", \"a/b/c\"]\n";
+    let p = load_refs(&f, text, &[]).unwrap_or_else(|e| panic!("{e}"));
+    let m = p.stage("m").expect("m");
+    assert_eq!(m.external[0].paths, [f.path("refs/org--model")]);
+    assert_eq!(
+        m.external[1].paths,
+        [
+            f.path("refs/org--data"),
+            f.path("p/local/m"),
+            // Not references: paths, as without a resolver (missing files are the planner's).
+            PathBuf::from("/data/x"),
+            f.path("p/a/b/c"),
+        ]
+    );
+    // The effective document shows what the references resolved to.
+    let eff = &p.effective["stages"]["m"];
+    assert_eq!(eff["base"].as_str(), f.path("refs/org--model").to_str());
+    assert_eq!(eff["extra"][0].as_str(), f.path("refs/org--data").to_str());
+    // `--set` values are references too.
+    let p = load_refs(&f, REFS, &["stages.m.base=org/data"]).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(p.stage("m").expect("m").external[0].paths, [f.path("refs/org--data")]);
+}
+
+#[test]
+fn local_path_named_like_a_reference_wins() {
+    let f = refs_files(&[("p/org/model/config.json", "{}"), ("p/ref:org/model/config.json", "{}")]);
+    let p = load_refs(&f, REFS, &[]).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(p.stage("m").expect("m").external[0].paths, [f.path("p/org/model")]);
+    // An explicit scheme skips the local check.
+    let text = REFS.replace("\"org/model\"", "\"ref:org/model\"");
+    let p = load_refs(&f, &text, &[]).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(p.stage("m").expect("m").external[0].paths, [f.path("refs/org--model")]);
+}
+
+#[test]
+fn reference_errors() {
+    let refs = |k: &str| if k == "REFS" { Some("/refs".to_string()) } else { env(k) };
+    let e = load_str(
+        Path::new(FILE),
+        "[pipeline]\nname = \"x\"\n[stages.m]\nkind = \"model\"\nbase = \"org/nope\"\nextra = [\"/abs\", \"ref:nope\"]\n",
+        &[],
+        &kinds::with_refs(),
+        &refs,
+    )
+    .expect_err("unresolvable");
+    let cwd = cwd().display().to_string();
+    insta::with_settings!({ filters => vec![(cwd.as_str(), "[CWD]")] }, {
+        insta::assert_snapshot!(e.to_string());
+    });
 }
 
 // ---- values ----

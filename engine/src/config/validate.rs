@@ -11,7 +11,7 @@ use super::raw::{HEADER_KEYS, PipelineHeader};
 use super::tree::{Entry, Node, Table, Val};
 use super::{Cx, ExternalInput, StageDecl, paths};
 use crate::key::Canon;
-use crate::stage::{Arity, DynStage, InputSource, ParamError};
+use crate::stage::{Arity, DynStage, InputSource, ParamError, ResolveCx, Resolver};
 
 const NAME_MAX: usize = 100;
 const NAME_RULE: &str = "names start with a letter or digit and contain only letters, digits, `_`, `.` and `-` \
@@ -95,11 +95,48 @@ fn path_toml(p: &std::path::Path) -> toml::Value {
 
 /// Expands and resolves a path value written at `node` (against its source's directory).
 fn path_value(cx: &mut Cx<'_>, raw: &str, node: &Node, key: &str) -> Option<PathBuf> {
-    match paths::expand(raw, cx.env) {
-        Ok(expanded) => {
-            let dir = cx.sources.get(node.span.file).map(|s| s.dir.clone()).unwrap_or_default();
-            Some(paths::resolve(&dir, &expanded))
+    let expanded = expand_value(cx, raw, node, key)?;
+    Some(paths::resolve(&source_dir(cx, node), &expanded))
+}
+
+/// The directory relative paths written at `node` resolve against.
+fn source_dir(cx: &Cx<'_>, node: &Node) -> PathBuf {
+    cx.sources.get(node.span.file).map(|s| s.dir.clone()).unwrap_or_default()
+}
+
+/// A path input's value: with a resolver, an existing local path wins; a value that names none
+/// (or has a scheme, like `hf:org/name`) goes to the resolver, and stays a path if the resolver
+/// says it is no reference. This is the loader's only look at path inputs on disk.
+fn input_value(
+    cx: &mut Cx<'_>,
+    raw: &str,
+    node: &Node,
+    key: &str,
+    resolver: Option<Resolver>,
+) -> Option<PathBuf> {
+    let Some(resolver) = resolver else {
+        return path_value(cx, raw, node, key);
+    };
+    let expanded = expand_value(cx, raw, node, key)?;
+    let dir = source_dir(cx, node);
+    let local = paths::resolve(&dir, &expanded);
+    if !paths::has_scheme(&expanded) && std::fs::symlink_metadata(&local).is_ok() {
+        return Some(local);
+    }
+    match resolver(&expanded, &ResolveCx::new(&dir, cx.env)) {
+        Ok(Some(p)) => Some(paths::clean(&dir.join(p))),
+        Ok(None) => Some(local),
+        Err(e) => {
+            cx.error_help(&node.span, key, e.message, e.help);
+            None
         }
+    }
+}
+
+/// `${VAR}` and `~` expanded, or `None` with the error reported at `node`.
+fn expand_value(cx: &mut Cx<'_>, raw: &str, node: &Node, key: &str) -> Option<String> {
+    match paths::expand(raw, cx.env) {
+        Ok(expanded) => Some(expanded),
         Err(e) => {
             let help = match &e {
                 paths::ExpandError::Unset(var) => Some(format!(
@@ -372,7 +409,7 @@ fn stage<'r: 't, 't>(
             InputSource::Path => {
                 let key = kp(&[spec.name]);
                 let paths: Vec<Option<PathBuf>> =
-                    values.iter().map(|(v, n)| path_value(cx, v, n, &key)).collect();
+                    values.iter().map(|(v, n)| input_value(cx, v, n, &key, spec.resolver)).collect();
                 let Some(paths) = paths.into_iter().collect::<Option<Vec<_>>>() else {
                     continue;
                 };

@@ -307,6 +307,11 @@ impl Llama {
         self.embed_tokens.hidden_size()
     }
 
+    /// Rows of the embedding matrix: every input id must be below it.
+    pub fn vocab_size(&self) -> usize {
+        self.embed_tokens.embeddings().dim(0).unwrap_or(0)
+    }
+
     pub fn device(&self) -> &Device {
         self.embed_tokens.embeddings().device()
     }

@@ -115,6 +115,13 @@ impl Model {
         }
     }
 
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            Self::Llama(m) => m.vocab_size(),
+            Self::Gemma2(m) => m.vocab_size(),
+        }
+    }
+
     /// See [`Llama::forward_to_layer`].
     pub fn forward_to_layer(
         &self,

@@ -1,5 +1,6 @@
 //! Text in, token ids out: the tokenizer of a model folder, its Jinja chat template, and the
-//! readers of local dataset files, as the `cache` stage needs them (DOMAIN.md §1).
+//! readers of local datasets (JSON lines and parquet files, Hugging Face dataset folders), as the
+//! `cache` stage needs them (DOMAIN.md §1).
 //!
 //! The paper's formatting is kept exact: chat conversations are rendered with the model's own
 //! template, the leading BOS text is stripped and the tokenizer's post-processor adds BOS back;
@@ -12,7 +13,7 @@ pub mod tokenizer;
 
 use std::path::PathBuf;
 
-pub use dataset::{Column, Doc, JsonlDocs, open_texts};
+pub use dataset::{Column, Doc, Docs, Texts, dataset_files, open_texts};
 pub use template::{ChatTemplate, GenerationPrompt, Message, SpecialTokens};
 pub use tokenizer::{Batch, DEFAULT_CONTEXT_LEN, TextTokenizer, TokenMap, kept_range};
 
@@ -48,4 +49,17 @@ pub enum TextError {
     Record { path: PathBuf, line: usize, message: String },
     #[error("{path} holds no documents; check the file and the split")]
     EmptyDataset { path: PathBuf },
+    /// A parquet row, counted from 0 as `dataset[i]` counts.
+    #[error("{path}: row {row}: {message}")]
+    Row { path: PathBuf, row: usize, message: String },
+    /// A parquet file's schema does not fit the column asked for.
+    #[error("{path}: {message}")]
+    Schema { path: PathBuf, message: String },
+    #[error("cannot read {path} as parquet: {message}")]
+    Parquet { path: PathBuf, message: String },
+    #[error("{path}: unsupported dataset format; use .jsonl or .json (JSON lines) or .parquet")]
+    Format { path: PathBuf },
+    /// A dataset folder has no files for the split asked for.
+    #[error("{path}: {message}")]
+    Split { path: PathBuf, message: String },
 }
