@@ -20,7 +20,8 @@ ROW_GROUP_SIZE = 8
 
 
 def main() -> None:
-    records = [json.loads(line) for line in (DATA / "chat.jsonl").read_text().splitlines() if line.strip()]
+    lines = (DATA / "chat.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]
     message = pa.struct([("role", pa.string()), ("content", pa.string())])
     table = pa.table(
         {

@@ -299,3 +299,146 @@ fn bad_inputs_fail_with_the_stage_and_file_named() {
             || std::fs::read_dir(env.ds().join("objects/cache")).unwrap().next().is_none()
     );
 }
+
+/// `base_token_map` changes the base model's input ids only: at the mapped positions the base
+/// rows are the base model's activations of the replacement token, the chat rows are untouched,
+/// and the stored tokens are the originals.
+#[test]
+fn base_token_map_replaces_base_inputs_only() {
+    let env = Env::pipe();
+    let tok = TextTokenizer::from_dir(&tiny().join("llama/chat")).unwrap();
+    let header = tok.token_id("<|start_header_id|>").unwrap();
+    let plain = tok.token_id("the").or_else(|| tok.token_id("Ġthe")).unwrap();
+    let chat = "column = \"messages\"\ncolumn_type = \"messages\"\nmax_docs = 4";
+    env.write("plain.toml", &cache_pipeline("chat.jsonl", chat));
+    env.write("mapped.toml", &cache_pipeline("chat.jsonl", &format!("{chat}\nbase_token_map = [[{header}, {plain}]]")));
+    env.ok(&["run", "plain.toml"]);
+    env.ok(&["run", "mapped.toml"]);
+    let a = ActivationCache::open(&object_out(&env, "plain.toml", "cache")).unwrap();
+    let b = ActivationCache::open(&object_out(&env, "mapped.toml", "cache")).unwrap();
+    assert_eq!(a.tokens(), b.tokens(), "stored tokens are the originals");
+    assert_eq!(b.meta().base_token_map, [(header, plain)]);
+    let d = 64;
+    let (mut x, mut y) = (vec![0f32; 2 * d], vec![0f32; 2 * d]);
+    let (mut base_changed, mut mapped_seen) = (false, false);
+    for i in 0..a.len() {
+        a.pair_into(i, &mut x);
+        b.pair_into(i, &mut y);
+        assert_eq!(x[d..], y[d..], "chat rows never change (row {i})");
+        if a.token(i) == header {
+            mapped_seen = true;
+            base_changed |= x[..d] != y[..d];
+        }
+    }
+    assert!(mapped_seen && base_changed);
+
+    let e = failure(&env, {
+        env.write("oov.toml", &cache_pipeline("chat.jsonl", "base_token_map = \"llama3\""));
+        "oov.toml"
+    });
+    assert!(e.contains("base_token_map uses token id 128006") && e.contains("tokenizer.json"), "{e}");
+}
+
+/// The Gemma 2 family through the stage (generated tiny pair): exact against an unbatched forward.
+#[test]
+fn gemma2_pair_caches_exactly() {
+    let env = Env::pipe();
+    let pair = stages::models::tiny::write_tiny_pair(
+        &env.path("gemma"),
+        &stages::models::tiny::TinyModelSpec::gemma2(),
+        3,
+    )
+    .unwrap();
+    env.write(
+        "g.toml",
+        &format!(
+            "[pipeline]\nname = \"g\"\n[stages.cache]\nkind = \"cache\"\nbase = \"gemma/base\"\nchat = \"gemma/chat\"\ndata = \"{}\"\nlayer = {}\ncolumn = \"messages\"\ncolumn_type = \"messages\"\nbatch_size = 4\nmax_tokens = 1500\n",
+            tiny().join("data/chat.jsonl").display(),
+            pair.middle_layer
+        ),
+    );
+    env.ok(&["run", "g.toml"]);
+    let cache = ActivationCache::open(&object_out(&env, "g.toml", "cache")).unwrap();
+    assert!(cache.len() >= 1500, "max_tokens is reached: {}", cache.len());
+    let offsets = cache.doc_offsets();
+    let last = offsets[offsets.len() - 2];
+    assert!(last < 1500, "and the cut is right after the document that reaches it");
+    let model = Model::load(&pair.chat, DType::F32, &Device::Cpu).unwrap();
+    let d = model.hidden_size();
+    let mut row = vec![0f32; 2 * d];
+    for j in [0u64, cache.num_docs() - 1] {
+        let range = cache.doc_range(j);
+        let ids: Vec<u32> = range.clone().map(|i| cache.token(i)).collect();
+        let t = ids.len();
+        let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().reshape((1, t)).unwrap();
+        let mask = Tensor::ones((1, t), DType::U8, &Device::Cpu).unwrap();
+        let h: Vec<Vec<f32>> =
+            model.forward_to_layer(&input, &mask, pair.middle_layer).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        for (k, i) in range.enumerate() {
+            cache.pair_into(i, &mut row);
+            for (a, b) in row[d..].iter().zip(&h[k]) {
+                assert!((a - b).abs() <= 1e-4 * b.abs().max(1e-2), "doc {j} pos {k}: {a} vs {b}");
+            }
+        }
+    }
+}
+
+/// Models and the dataset named as Hugging Face cache references, resolved offline in
+/// `$HF_HUB_CACHE`; the dataset is a parquet snapshot read by split.
+#[test]
+fn hugging_face_cache_references_and_parquet_splits() {
+    let env = Env::pipe();
+    let hub = env.path("hub");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let snapshot = |repo: &str| {
+        let root = hub.join(repo);
+        std::fs::create_dir_all(root.join("refs")).unwrap();
+        std::fs::write(root.join("refs/main"), commit).unwrap();
+        let snap = root.join("snapshots").join(commit);
+        std::fs::create_dir_all(&snap).unwrap();
+        (root, snap)
+    };
+    // Files live in blobs/, snapshots link to them, as huggingface_hub lays them out.
+    let link = |root: &Path, snap: &Path, from: &Path, name: &str| {
+        let blob = root.join("blobs").join(name.replace('/', "_"));
+        std::fs::create_dir_all(blob.parent().unwrap()).unwrap();
+        std::fs::copy(from, &blob).unwrap();
+        let to = snap.join(name);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(&blob, &to).unwrap();
+    };
+    for m in ["base", "chat"] {
+        let (root, snap) = snapshot(&format!("models--tiny-org--llama-{m}"));
+        for f in std::fs::read_dir(tiny().join("llama").join(m)).unwrap() {
+            let f = f.unwrap();
+            link(&root, &snap, &f.path(), f.file_name().to_str().unwrap());
+        }
+    }
+    let parquet = repo().join("stages/tests/data/chat-sample.parquet");
+    let (root, snap) = snapshot("datasets--tiny-org--chats");
+    link(&root, &snap, &parquet, "data/train-00000-of-00001.parquet");
+    link(&root, &snap, &parquet, "data/validation-00000-of-00001.parquet");
+
+    env.write(
+        "hf.toml",
+        "[pipeline]\nname = \"hf\"\n[stages.cache]\nkind = \"cache\"\nbase = \"tiny-org/llama-base\"\nchat = \"tiny-org/llama-chat@main\"\ndata = \"tiny-org/chats\"\nsplit = \"validation\"\ncolumn = \"messages\"\ncolumn_type = \"messages\"\nlayer = 1\n",
+    );
+    let run = |args: &[&str]| env.cmd(args).env("HF_HUB_CACHE", &hub).output().unwrap();
+    let o = run(&["run", "hf.toml"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let show: serde_json::Value = serde_json::from_slice(&run(&["show", "hf.toml", "cache", "--json"]).stdout).unwrap();
+    let shown = show.to_string();
+    assert!(shown.contains(&format!("models--tiny-org--llama-base/snapshots/{commit}")), "{shown}");
+    let status: serde_json::Value = serde_json::from_slice(&run(&["status", "hf.toml", "--json"]).stdout).unwrap();
+    let out = PathBuf::from(status["stages"][0]["path"].as_str().unwrap());
+    let cache = ActivationCache::open(&out).unwrap();
+    assert_eq!(cache.num_docs(), 18, "every conversation of the parquet split");
+    assert!(cache.meta().dataset.files[0].ends_with("data/validation-00000-of-00001.parquet"));
+
+    // A revision that is not in the cache is a config error naming what exists.
+    env.write("bad.toml", &std::fs::read_to_string(env.path("hf.toml")).unwrap().replace("@main", "@v2"));
+    let o = run(&["plan", "bad.toml"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(e.contains("v2") && e.contains("main") && e.contains("bad.toml"), "{e}");
+}

@@ -88,8 +88,9 @@ impl StoreDtype {
                 }
             }
             StoreDtype::Bf16 => {
+                // bf16 is the top half of an f32: widening is exact.
                 for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                    *o = half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+                    *o = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
                 }
             }
             StoreDtype::F16 => {

@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""The transformers competitor of the `cache` stage (bench/cache.sh): the same work, in PyTorch.
+
+    python bench/cache_hf.py --base DIR --chat DIR --data FILE.jsonl --out DIR --layer L \
+        [--batch-size 8] [--context-len 1024] [--threads 2]
+
+What it does, step for step as stages/src/cache/stage.rs:
+  - tokenizer: `tokenizers.Tokenizer.from_file(chat/tokenizer.json)` (the stage's default
+    `tokenizer = "chat"`), padding off, truncation right to --context-len, special tokens added by
+    the tokenizer's post-processor (BOS); `encode_batch` per window.
+  - windows of 8 × batch_size documents in dataset order; inside a window documents are sorted
+    longest first (stable) and cut into micro-batches of batch_size, each right-padded (id 0) to its
+    longest document, with an attention mask.
+  - base model, then chat model, per micro-batch: `LlamaForCausalLM.from_pretrained(dtype=f32)`, its
+    `model.model` with `layers` truncated to the first L + 1 blocks and the final norm replaced by
+    Identity, so `last_hidden_state` is the output of block L (= transformers'
+    `hidden_states[L + 1]`) and nothing after block L is computed. attn_implementation "sdpa" (the
+    default on the CPU), use_cache=False, torch.inference_mode, torch threads = --threads.
+  - non-padding rows gathered with the mask, put back in dataset order per window, stacked
+    (n, 2, d) f32 and appended with a raw write to OUT/activations.f32 (tokens to OUT/tokens.u32);
+    per-dimension running sums (f64) over the rows, as the stage's statistics.
+  - OUT/summary.json: tokens, docs, d, seconds (model load + tokenize + forward + write, i.e. from
+    before loading the models to the end, as the stage's own `tokens_per_s`), forward seconds.
+"""
+
+import argparse
+import json
+import time
+
+T_START = time.perf_counter()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from tokenizers import Tokenizer  # noqa: E402
+
+READ_AHEAD = 8  # documents per window = READ_AHEAD × batch_size, as the stage
+
+
+def load(path, layer):
+    model = transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    inner = model.model
+    inner.layers = inner.layers[: layer + 1]
+    inner.config.num_hidden_layers = layer + 1
+    inner.norm = torch.nn.Identity()
+    return inner.eval()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--base", required=True)
+    ap.add_argument("--chat", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--layer", type=int, required=True)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--context-len", type=int, default=1024)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--column", default="text")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    base = load(args.base, args.layer)
+    chat = load(args.chat, args.layer)
+    d = base.config.hidden_size
+    tok = Tokenizer.from_file(f"{args.chat}/tokenizer.json")
+    tok.no_padding()
+    tok.enable_truncation(args.context_len, direction="right")
+    t_loaded = time.perf_counter()
+
+    docs = [json.loads(line)[args.column] for line in open(args.data) if line.strip()]
+    window = READ_AHEAD * args.batch_size
+    acts_f = open(f"{args.out}/activations.f32", "wb")
+    toks_f = open(f"{args.out}/tokens.u32", "wb")
+    total = 0
+    s1 = np.zeros(2 * d)
+    s2 = np.zeros(2 * d)
+    t_forward = 0.0
+    with torch.inference_mode():
+        for w0 in range(0, len(docs), window):
+            enc = [e.ids for e in tok.encode_batch(docs[w0 : w0 + window])]
+            lengths = [len(e) for e in enc]
+            offsets = np.cumsum([0] + lengths)
+            n = int(offsets[-1])
+            out = np.empty((n, 2, d), dtype=np.float32)
+            order = sorted(range(len(enc)), key=lambda j: -lengths[j])  # stable, longest first
+            for g0 in range(0, len(order), args.batch_size):
+                group = order[g0 : g0 + args.batch_size]
+                t = lengths[group[0]]
+                ids = torch.zeros((len(group), t), dtype=torch.long)
+                mask = torch.zeros((len(group), t), dtype=torch.long)
+                for r, j in enumerate(group):
+                    ids[r, : lengths[j]] = torch.tensor(enc[j])
+                    mask[r, : lengths[j]] = 1
+                keep = mask.bool()
+                tf = time.perf_counter()
+                for m, model in enumerate((base, chat)):
+                    h = model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+                    rows = h[keep].numpy()  # (sum of lengths, d), row-major: document by document
+                    at = 0
+                    for j in group:
+                        out[offsets[j] : offsets[j + 1], m] = rows[at : at + lengths[j]]
+                        at += lengths[j]
+                t_forward += time.perf_counter() - tf
+            flat = out.reshape(n, 2 * d).astype(np.float64)
+            s1 += flat.sum(0)
+            s2 += (flat * flat).sum(0)
+            acts_f.write(out.tobytes())
+            toks_f.write(np.concatenate([np.asarray(e, dtype=np.uint32) for e in enc]).tobytes())
+            total += n
+    acts_f.close()
+    toks_f.close()
+    secs = time.perf_counter() - t0
+    summary = {
+        "tokens": total,
+        "docs": len(docs),
+        "d_model": d,
+        "seconds": secs,
+        "load_seconds": t_loaded - t0,
+        "forward_seconds": t_forward,
+        "since_process_start_seconds": time.perf_counter() - T_START,
+        "tokens_per_s": total / secs,
+        "mean_norm": float(np.linalg.norm(s1 / total)),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    json.dump(summary, open(f"{args.out}/summary.json", "w"), indent=1)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
