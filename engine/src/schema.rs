@@ -87,7 +87,7 @@ fn stage_schema(stage: &dyn DynStage, generator: &mut SchemaGenerator) -> Value 
 }
 
 fn input_schema(spec: &InputSpec) -> Value {
-    let many = spec.arity == Arity::Many;
+    let many = spec.arity.is_many();
     let what = match (&spec.source, many) {
         (InputSource::Stage { kinds: [] }, false) => "The name of another stage.".to_string(),
         (InputSource::Stage { kinds: [] }, true) => "Names of other stages.".to_string(),
@@ -106,11 +106,15 @@ fn input_schema(spec: &InputSpec) -> Value {
     let description = if spec.doc.is_empty() { what } else { format!("{} {what}", spec.doc) };
     match spec.arity {
         Arity::One | Arity::Optional => json!({ "description": description, "type": "string" }),
-        Arity::Many => json!({
+        Arity::Many | Arity::OptionalMany => json!({
             "description": description,
             "anyOf": [
                 { "type": "string" },
-                { "type": "array", "items": { "type": "string" }, "minItems": 1 },
+                {
+                    "type": "array",
+                    "items": { "type": "string" },
+                    "minItems": if spec.arity == Arity::Many { 1 } else { 0 },
+                },
             ],
         }),
     }

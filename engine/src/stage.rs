@@ -23,6 +23,15 @@ pub enum Arity {
     Optional,
     /// One or more values: `field = ["x", "y"]` (a single string is accepted too).
     Many,
+    /// Zero or more values: like `Many`, but the field may be left out.
+    OptionalMany,
+}
+
+impl Arity {
+    /// Takes an array of values.
+    pub fn is_many(self) -> bool {
+        matches!(self, Arity::Many | Arity::OptionalMany)
+    }
 }
 
 /// Where an input comes from.

@@ -54,7 +54,12 @@ fn write_cache(dir: &Path, tokens: u64, d: usize, dtype: StoreDtype, shard_token
         ignore_first_n: 0,
         base_token_map: Vec::new(),
         bos_id: None,
-        dataset: DatasetInfo { files: Vec::new(), split: None, column: "text".into(), column_type: "text".into() },
+        dataset: DatasetInfo {
+            files: Vec::new(),
+            split: None,
+            column: "text".into(),
+            column_type: "text".into(),
+        },
         stats: "stats.safetensors".into(),
     };
     std::fs::write(dir.join("cache.json"), serde_json::to_vec_pretty(&meta).unwrap()).unwrap();

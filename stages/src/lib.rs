@@ -1,17 +1,18 @@
 //! The stage kinds of `pipe`. Each kind lives in its own module and is registered in [`registry`].
-//! The ML stages (train, scale, collect, plot) arrive with their issues.
+//! The ML stages (scale, collect, plot) arrive with their issues.
 
 pub mod cache;
 pub mod hf;
 pub mod models;
 pub mod rng;
 pub mod text;
+pub mod train;
 
 use engine::Registry;
 
 /// Every stage kind this build of `pipe` knows.
 pub fn registry() -> Registry {
     let mut r = Registry::new();
-    r.register(cache::CacheStage);
+    r.register(cache::CacheStage).register(train::TrainStage);
     r
 }

@@ -311,7 +311,10 @@ fn base_token_map_replaces_base_inputs_only() {
     let plain = tok.token_id("the").or_else(|| tok.token_id("Ġthe")).unwrap();
     let chat = "column = \"messages\"\ncolumn_type = \"messages\"\nmax_docs = 4";
     env.write("plain.toml", &cache_pipeline("chat.jsonl", chat));
-    env.write("mapped.toml", &cache_pipeline("chat.jsonl", &format!("{chat}\nbase_token_map = [[{header}, {plain}]]")));
+    env.write(
+        "mapped.toml",
+        &cache_pipeline("chat.jsonl", &format!("{chat}\nbase_token_map = [[{header}, {plain}]]")),
+    );
     env.ok(&["run", "plain.toml"]);
     env.ok(&["run", "mapped.toml"]);
     let a = ActivationCache::open(&object_out(&env, "plain.toml", "cache")).unwrap();
@@ -372,8 +375,13 @@ fn gemma2_pair_caches_exactly() {
         let t = ids.len();
         let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().reshape((1, t)).unwrap();
         let mask = Tensor::ones((1, t), DType::U8, &Device::Cpu).unwrap();
-        let h: Vec<Vec<f32>> =
-            model.forward_to_layer(&input, &mask, pair.middle_layer).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        let h: Vec<Vec<f32>> = model
+            .forward_to_layer(&input, &mask, pair.middle_layer)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
         for (k, i) in range.enumerate() {
             cache.pair_into(i, &mut row);
             for (a, b) in row[d..].iter().zip(&h[k]) {
@@ -426,10 +434,12 @@ fn hugging_face_cache_references_and_parquet_splits() {
     let run = |args: &[&str]| env.cmd(args).env("HF_HUB_CACHE", &hub).output().unwrap();
     let o = run(&["run", "hf.toml"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let show: serde_json::Value = serde_json::from_slice(&run(&["show", "hf.toml", "cache", "--json"]).stdout).unwrap();
+    let show: serde_json::Value =
+        serde_json::from_slice(&run(&["show", "hf.toml", "cache", "--json"]).stdout).unwrap();
     let shown = show.to_string();
     assert!(shown.contains(&format!("models--tiny-org--llama-base/snapshots/{commit}")), "{shown}");
-    let status: serde_json::Value = serde_json::from_slice(&run(&["status", "hf.toml", "--json"]).stdout).unwrap();
+    let status: serde_json::Value =
+        serde_json::from_slice(&run(&["status", "hf.toml", "--json"]).stdout).unwrap();
     let out = PathBuf::from(status["stages"][0]["path"].as_str().unwrap());
     let cache = ActivationCache::open(&out).unwrap();
     assert_eq!(cache.num_docs(), 18, "every conversation of the parquet split");

@@ -359,13 +359,16 @@ fn stage<'r: 't, 't>(
             InputSource::Stage { .. } => ("a stage name", "stage names"),
         };
         let expected = match spec.arity {
-            Arity::Many => format!("{what} or an array of them"),
+            Arity::Many | Arity::OptionalMany => format!("{what} or an array of them"),
             _ => what.to_string(),
         };
         let values: Vec<(&str, &Node)> = match (&e.node.value, spec.arity) {
             (Val::Str(v), _) => vec![(v.as_str(), &e.node)],
-            (Val::Array(items), Arity::Many) => {
+            (Val::Array(items), Arity::Many | Arity::OptionalMany) => {
                 if items.is_empty() {
+                    if spec.arity == Arity::OptionalMany {
+                        continue;
+                    }
                     cx.error(
                         &e.node.span,
                         kp(&[spec.name]),

@@ -525,6 +525,24 @@ mod tests {
         assert!(e.contains("bytes, expected"), "{e}");
     }
 
+    /// A full disk fails the write with the shard's path in the message; nothing panics.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn disk_full_names_the_shard() {
+        let full = Path::new("/dev/full");
+        if !full.exists() {
+            return;
+        }
+        let mut w = ShardWriter::create(full, 64, StoreDtype::F32).unwrap();
+        let rows = rows(20_000, 64, 0);
+        let e = w
+            .append(&rows, &vec![1; 20_000], &[20_000])
+            .and_then(|_| w.finish().map(|_| ()))
+            .expect_err("/dev/full accepts nothing");
+        let msg = e.to_string();
+        assert!(msg.contains("/dev/full") && msg.contains("No space left"), "{msg}");
+    }
+
     #[test]
     fn welford_matches_two_pass_statistics() {
         let width = 3;

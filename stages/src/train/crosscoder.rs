@@ -1,0 +1,429 @@
+//! The crosscoder of DOMAIN.md §2 as candle tensors with autograd: initialisation, encode and
+//! decode, the L1 and BatchTopK losses (with the auxiliary loss and the inference threshold), and
+//! the training metrics.
+//!
+//! Shapes: x (B, 2, d); `encoder.weight` (2, d, F); `encoder.bias` (F); `decoder.weight`
+//! (2, F, d); `decoder.bias` (2, d). Model index 0 = base, 1 = chat.
+
+use candle_core::{D, DType, Device, Result, Tensor, Var};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::rng::SplitMix64;
+
+/// How latent activations are weighted by decoder norms (`code_normalization_id` in the state
+/// dict: crosscoder 1, sae 2, mixed 3, none 4).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CodeNormalization {
+    /// c_j = Σ_l ‖d_j^l‖ (the paper's).
+    #[default]
+    Crosscoder,
+    /// c_j = ‖concat_l d_j^l‖.
+    Sae,
+    /// sae + 0.1 · crosscoder.
+    Mixed,
+    /// c_j = 1.
+    None,
+}
+
+impl CodeNormalization {
+    pub fn id(self) -> i64 {
+        match self {
+            CodeNormalization::Crosscoder => 1,
+            CodeNormalization::Sae => 2,
+            CodeNormalization::Mixed => 3,
+            CodeNormalization::None => 4,
+        }
+    }
+
+    pub fn from_id(id: i64) -> Option<Self> {
+        Some(match id {
+            1 => CodeNormalization::Crosscoder,
+            2 => CodeNormalization::Sae,
+            3 => CodeNormalization::Mixed,
+            4 => CodeNormalization::None,
+            _ => return None,
+        })
+    }
+}
+
+/// The four trainable tensors.
+pub struct Crosscoder {
+    pub w_enc: Var,
+    pub b_enc: Var,
+    pub w_dec: Var,
+    pub b_dec: Var,
+    pub norm: CodeNormalization,
+    pub d: usize,
+    pub f: usize,
+}
+
+impl Crosscoder {
+    /// DOMAIN.md §2 init: one (d, F) kaiming-uniform matrix (bound √(6/F), torch's fan_in of a 2-D
+    /// tensor being its second size) for both models, columns scaled to norm `norm_init_scale`;
+    /// decoder = encoder transposed; biases zero. Drawn from `seed` with SplitMix64.
+    pub fn init(
+        d: usize,
+        f: usize,
+        norm_init_scale: Option<f64>,
+        norm: CodeNormalization,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Crosscoder> {
+        let mut rng = SplitMix64::stream(seed, &[0x1417]);
+        let bound = (6.0 / f as f64).sqrt();
+        let mut w: Vec<f64> = (0..d * f).map(|_| (rng.next_f64() * 2.0 - 1.0) * bound).collect();
+        if let Some(s) = norm_init_scale {
+            for j in 0..f {
+                let n: f64 = (0..d).map(|i| w[i * f + j].powi(2)).sum::<f64>().sqrt();
+                (0..d).for_each(|i| w[i * f + j] *= s / n);
+            }
+        }
+        let w: Vec<f32> = w.iter().map(|x| *x as f32).collect();
+        let enc = Tensor::from_vec(w, (d, f), device)?;
+        let w_enc = Tensor::stack(&[&enc, &enc], 0)?;
+        let dec = enc.t()?.contiguous()?;
+        let w_dec = Tensor::stack(&[&dec, &dec], 0)?;
+        Ok(Crosscoder {
+            w_enc: Var::from_tensor(&w_enc)?,
+            b_enc: Var::from_tensor(&Tensor::zeros(f, DType::F32, device)?)?,
+            w_dec: Var::from_tensor(&w_dec)?,
+            b_dec: Var::from_tensor(&Tensor::zeros((2, d), DType::F32, device)?)?,
+            norm,
+            d,
+            f,
+        })
+    }
+
+    pub fn vars(&self) -> [&Var; 4] {
+        [&self.w_enc, &self.b_enc, &self.w_dec, &self.b_dec]
+    }
+
+    /// State-dict names of [`Crosscoder::vars`], as dictionary_learning writes them.
+    pub const NAMES: [&'static str; 4] = ["encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias"];
+
+    /// ReLU(Σ_l x_l W_enc[l] + b_enc): (B, F).
+    pub fn pre_relu(&self, x: &Tensor) -> Result<Tensor> {
+        let b = x.dim(0)?;
+        let w = self.w_enc.as_tensor().reshape((2 * self.d, self.f))?;
+        x.reshape((b, 2 * self.d))?.matmul(&w)?.broadcast_add(self.b_enc.as_tensor())?.relu()
+    }
+
+    /// The decoder as (F, 2d): row j is [d_j^base | d_j^chat].
+    fn dec_flat(&self) -> Result<Tensor> {
+        self.w_dec.as_tensor().transpose(0, 1)?.contiguous()?.reshape((self.f, 2 * self.d))
+    }
+
+    /// x̂ = f W_dec[l] + b_dec[l]: (B, 2, d).
+    pub fn decode(&self, f: &Tensor) -> Result<Tensor> {
+        let b = f.dim(0)?;
+        let bias = self.b_dec.as_tensor().reshape(2 * self.d)?;
+        f.matmul(&self.dec_flat()?)?.broadcast_add(&bias)?.reshape((b, 2, self.d))
+    }
+
+    /// f W_dec without the bias, flattened: (B, 2d).
+    fn decode_no_bias_flat(&self, f: &Tensor) -> Result<Tensor> {
+        f.matmul(&self.dec_flat()?)
+    }
+
+    /// ‖W_dec[l, j, :]‖: (2, F).
+    pub fn decoder_norms(&self) -> Result<Tensor> {
+        self.w_dec.as_tensor().sqr()?.sum(D::Minus1)?.sqrt()
+    }
+
+    /// The code weights c: (F).
+    pub fn code_weights(&self) -> Result<Tensor> {
+        let per_model = self.decoder_norms()?;
+        let sae = || self.w_dec.as_tensor().sqr()?.sum(D::Minus1)?.sum(0)?.sqrt();
+        match self.norm {
+            CodeNormalization::Crosscoder => per_model.sum(0),
+            CodeNormalization::Sae => sae(),
+            CodeNormalization::Mixed => sae()? + (per_model.sum(0)? * 0.1)?,
+            CodeNormalization::None => Tensor::ones(self.f, DType::F32, self.w_dec.device()),
+        }
+    }
+}
+
+/// mean over (b, l) of ‖e[b, l, :]‖₂ (not squared), the reconstruction term of both losses.
+pub fn recon_l2(x: &Tensor, x_hat: &Tensor) -> Result<Tensor> {
+    (x - x_hat)?.sqr()?.sum(D::Minus1)?.sqrt()?.mean_all()
+}
+
+/// The L1 loss (DOMAIN.md §2a): recon + mu · mean_b Σ_j f_bj c_j. Returns (loss, recon, l1, f, x̂).
+pub fn l1_loss(cc: &Crosscoder, x: &Tensor, mu: f64) -> Result<LossOut> {
+    let f = cc.pre_relu(x)?;
+    let c = cc.code_weights()?;
+    let x_hat = cc.decode(&f)?;
+    let recon = recon_l2(x, &x_hat)?;
+    let l1 = f.broadcast_mul(&c)?.sum(1)?.mean_all()?;
+    let loss = (&recon + (&l1 * mu)?)?;
+    Ok(LossOut { loss, l2: recon, sparsity: Some(l1), auxk: None, f, x_hat })
+}
+
+/// What a loss returns: the differentiable total, its parts, the codes f (unscaled) and x̂.
+pub struct LossOut {
+    pub loss: Tensor,
+    pub l2: Tensor,
+    pub sparsity: Option<Tensor>,
+    pub auxk: Option<Tensor>,
+    pub f: Tensor,
+    pub x_hat: Tensor,
+}
+
+/// Per row of `values` (R, N), all ≥ 0, the `k[r]`-th largest value (0 when k = 0 or k > N),
+/// exactly: a bisection over the bit patterns, which order non-negative f32 like their values.
+/// Device-agnostic (compare and count only), so it works where sorting wide rows does not.
+pub fn kth_largest(values: &Tensor, k: &[u64]) -> Result<Vec<f32>> {
+    let (rows, _) = values.dims2()?;
+    let device = values.device();
+    let mut lo = vec![0u32; rows]; // count(v >= 0) = N >= k
+    let mut hi = vec![0x7f80_0000u32; rows]; // count(v >= inf) = 0 < k
+    for _ in 0..33 {
+        if lo.iter().zip(&hi).all(|(l, h)| h - l <= 1) {
+            break;
+        }
+        let mid: Vec<u32> = lo.iter().zip(&hi).map(|(l, h)| l + (h - l) / 2).collect();
+        let t =
+            Tensor::from_vec(mid.iter().map(|m| f32::from_bits(*m)).collect::<Vec<_>>(), (rows, 1), device)?;
+        let counts: Vec<u32> = values.broadcast_ge(&t)?.to_dtype(DType::U32)?.sum(1)?.to_vec1()?;
+        for r in 0..rows {
+            if hi[r] - lo[r] <= 1 {
+                continue;
+            }
+            if u64::from(counts[r]) >= k[r] {
+                lo[r] = mid[r];
+            } else {
+                hi[r] = mid[r];
+            }
+        }
+    }
+    Ok(lo.iter().zip(k).map(|(l, k)| if *k == 0 { f32::INFINITY } else { f32::from_bits(*l) }).collect())
+}
+
+/// 0/1 mask of the entries of `values` (R, N) that are positive and among the `k` largest of
+/// their row (`per_row`) or of the whole tensor.
+fn top_mask(values: &Tensor, k: u64, per_row: bool) -> Result<Tensor> {
+    let v = values.detach();
+    let (rows, n) = v.dims2()?;
+    let flat = if per_row { v.clone() } else { v.reshape((1, rows * n))? };
+    let kth = kth_largest(&flat, &vec![k; flat.dim(0)?])?;
+    let t = Tensor::from_vec(kth.clone(), (kth.len(), 1), v.device())?;
+    let keep = flat.broadcast_ge(&t)?.to_dtype(DType::F32)?;
+    let positive = flat.gt(0.0)?.to_dtype(DType::F32)?;
+    (keep * positive)?.reshape((rows, n))
+}
+
+/// BatchTopK settings and state.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BatchTopK {
+    pub k: u64,
+    pub auxk_alpha: f64,
+    /// A latent is dead once it has not fired for this many tokens.
+    pub dead_tokens: u64,
+    /// Tokens since each latent last fired.
+    pub since_fired: Vec<u64>,
+    /// Inference threshold on f·c (−1 until the first update).
+    pub threshold: f32,
+}
+
+impl BatchTopK {
+    /// Training encode + loss (DOMAIN.md §2b): keep the k·B largest scaled codes of the batch,
+    /// reconstruct from the unscaled ones; the auxiliary loss over dead latents. Updates the
+    /// dead-latent counters with this batch (before the dead set is taken).
+    pub fn loss(&mut self, cc: &Crosscoder, x: &Tensor) -> Result<LossOut> {
+        let b = x.dim(0)?;
+        let post = cc.pre_relu(x)?;
+        let c = cc.code_weights()?.detach();
+        let scaled = post.broadcast_mul(&c)?;
+        let mask = top_mask(&scaled, self.k * b as u64, false)?;
+        let f = (&post * &mask)?;
+        let x_hat = cc.decode(&f)?;
+        let l2 = recon_l2(x, &x_hat)?;
+
+        let fired: Vec<u8> = mask.max(0)?.gt(0.0)?.to_vec1()?;
+        for (s, fired) in self.since_fired.iter_mut().zip(&fired) {
+            *s = if *fired != 0 { 0 } else { *s + b as u64 };
+        }
+        let dead: Vec<f32> =
+            self.since_fired.iter().map(|s| if *s >= self.dead_tokens { 1.0 } else { 0.0 }).collect();
+        let n_dead = dead.iter().filter(|d| **d > 0.0).count();
+        let auxk = if n_dead > 0 {
+            let k_aux = (cc.d / 2).min(n_dead) as u64;
+            let dead = Tensor::from_vec(dead, cc.f, x.device())?;
+            let dead_scaled = scaled.broadcast_mul(&dead)?;
+            let aux_mask = top_mask(&dead_scaled, k_aux, true)?;
+            let x_aux = cc.decode_no_bias_flat(&(&post * &aux_mask)?)?;
+            let r = (x - &x_hat)?.detach().reshape((b, 2 * cc.d))?;
+            let num = (&r - &x_aux)?.sqr()?.sum(1)?.mean_all()?;
+            let den = r.broadcast_sub(&r.mean_keepdim(0)?)?.sqr()?.sum(1)?.mean_all()?;
+            let aux = (num / den)?;
+            let value: f32 = aux.to_scalar()?;
+            if value.is_finite() { aux } else { Tensor::new(0f32, x.device())? }
+        } else {
+            Tensor::new(0f32, x.device())?
+        };
+        let loss = (&l2 + (&auxk * self.auxk_alpha)?)?;
+        Ok(LossOut { loss, l2, sparsity: None, auxk: Some(auxk), f, x_hat })
+    }
+
+    /// The threshold EMA (DOMAIN.md §2b), from the training codes `f` of a step.
+    pub fn update_threshold(&mut self, cc: &Crosscoder, f: &Tensor) -> Result<()> {
+        let scaled = f.detach().broadcast_mul(&cc.code_weights()?.detach())?;
+        // min over positive entries: replace non-positive by +inf.
+        let positive = scaled.gt(0.0)?;
+        let inf = Tensor::full(f32::INFINITY, scaled.shape(), scaled.device())?;
+        let m: f32 = positive.where_cond(&scaled, &inf)?.flatten_all()?.min(0)?.to_scalar()?;
+        let m = if m.is_finite() { m } else { 0.0 };
+        self.threshold = if self.threshold < 0.0 { m } else { 0.999 * self.threshold + 0.001 * m };
+        Ok(())
+    }
+
+    /// Inference encode: f = post where post·c > threshold.
+    pub fn encode_threshold(&self, cc: &Crosscoder, x: &Tensor) -> Result<Tensor> {
+        let post = cc.pre_relu(x)?;
+        let scaled = post.broadcast_mul(&cc.code_weights()?)?;
+        post * scaled.gt(self.threshold as f64)?.to_dtype(DType::F32)?
+    }
+}
+
+/// Per-model geometric median of `x` (B, 2, d) by Weiszfeld's iteration (≤ 100 iterations,
+/// tolerance 1e-5, started at the mean), in f64: (2, d) row-major.
+pub fn geometric_median(x: &[f32], b: usize, d: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(2 * d);
+    for l in 0..2 {
+        let pts: Vec<&[f32]> = (0..b).map(|i| &x[(i * 2 + l) * d..(i * 2 + l + 1) * d]).collect();
+        let mut y: Vec<f64> =
+            (0..d).map(|k| pts.iter().map(|p| p[k] as f64).sum::<f64>() / b as f64).collect();
+        for _ in 0..100 {
+            let mut num = vec![0f64; d];
+            let mut den = 0f64;
+            for p in &pts {
+                let dist =
+                    p.iter().zip(&y).map(|(a, c)| (*a as f64 - c).powi(2)).sum::<f64>().sqrt().max(1e-12);
+                den += 1.0 / dist;
+                num.iter_mut().zip(p.iter()).for_each(|(n, a)| *n += *a as f64 / dist);
+            }
+            let next: Vec<f64> = num.iter().map(|n| n / den).collect();
+            let step = next.iter().zip(&y).map(|(a, c)| (a - c).powi(2)).sum::<f64>().sqrt();
+            y = next;
+            if step < 1e-5 {
+                break;
+            }
+        }
+        out.extend(y.iter().map(|v| *v as f32));
+    }
+    out
+}
+
+/// Training and validation metrics of one batch (DOMAIN.md §4).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct BatchStats {
+    pub l0: f64,
+    pub frac_variance_explained: f64,
+    pub frac_variance_explained_base: f64,
+    pub frac_variance_explained_chat: f64,
+    /// Latents with no activation above 1e-4 (scaled) in the batch.
+    pub frac_dead: f64,
+}
+
+/// L0, fraction of variance explained (total and per model; unbiased variance over the batch)
+/// and the fraction of latents dead in the batch.
+pub fn batch_stats(
+    cc: &Crosscoder,
+    x: &Tensor,
+    x_hat: &Tensor,
+    f: &Tensor,
+) -> Result<(BatchStats, Vec<bool>)> {
+    let l0: f32 = f.ne(0.0)?.to_dtype(DType::F32)?.sum(1)?.mean_all()?.to_scalar()?;
+    let var = |t: &Tensor| -> Result<Vec<f32>> {
+        // Var over the batch per (l, d), summed over d: (2).
+        t.var_keepdim(0)?.squeeze(0)?.sum(D::Minus1)?.to_vec1()
+    };
+    let total = var(x)?;
+    let resid = var(&(x - x_hat)?)?;
+    let fve = |i: std::ops::Range<usize>| {
+        1.0 - resid[i.clone()].iter().map(|v| *v as f64).sum::<f64>()
+            / total[i].iter().map(|v| *v as f64).sum::<f64>()
+    };
+    let scaled = f.broadcast_mul(&cc.code_weights()?)?;
+    let alive: Vec<u8> = scaled.gt(1e-4)?.max(0)?.to_vec1()?;
+    let dead: Vec<bool> = alive.iter().map(|a| *a == 0).collect();
+    let stats = BatchStats {
+        l0: l0 as f64,
+        frac_variance_explained: fve(0..2),
+        frac_variance_explained_base: fve(0..1),
+        frac_variance_explained_chat: fve(1..2),
+        frac_dead: dead.iter().filter(|d| **d).count() as f64 / dead.len() as f64,
+    };
+    Ok((stats, dead))
+}
+
+/// Latents whose decoder is specific to model `l`: dec_norm_diff_l > 0.9 (DOMAIN.md §4).
+pub fn specific_latents(cc: &Crosscoder) -> Result<[u64; 2]> {
+    let n: Vec<Vec<f32>> = cc.decoder_norms()?.to_vec2()?;
+    let mut out = [0u64; 2];
+    for j in 0..cc.f {
+        for l in 0..2 {
+            let (nl, no) = (n[l][j] as f64, n[1 - l][j] as f64);
+            let diff = 0.5 * ((2.0 * nl - (nl + no)) / nl.max(no) + 1.0);
+            if diff > 0.9 {
+                out[l] += 1;
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kth_largest_is_exact_per_row_and_overall() {
+        let dev = Device::Cpu;
+        let v = Tensor::new(&[[0.0f32, 3.0, 1.5, 1.5, 7.0], [2.0, 0.0, 0.0, 0.25, 9.0]], &dev).unwrap();
+        assert_eq!(kth_largest(&v, &[1, 1]).unwrap(), [7.0, 9.0]);
+        assert_eq!(kth_largest(&v, &[3, 2]).unwrap(), [1.5, 2.0]);
+        assert_eq!(kth_largest(&v, &[5, 5]).unwrap(), [0.0, 0.0]);
+        let flat = v.reshape((1, 10)).unwrap();
+        assert_eq!(kth_largest(&flat, &[4]).unwrap(), [2.0]);
+        let m = top_mask(&v, 3, false).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(m, [[0.0, 1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0, 1.0]]);
+        // Only positive entries are ever kept.
+        let m = top_mask(&v, 4, true).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(m, [[0.0, 1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 1.0, 1.0]]);
+    }
+
+    #[test]
+    fn init_is_transposed_normalised_and_seeded() {
+        let cc = Crosscoder::init(4, 16, Some(0.5), CodeNormalization::Crosscoder, 42, &Device::Cpu).unwrap();
+        let enc: Vec<Vec<Vec<f32>>> = cc.w_enc.as_tensor().to_vec3().unwrap();
+        let dec: Vec<Vec<Vec<f32>>> = cc.w_dec.as_tensor().to_vec3().unwrap();
+        assert_eq!(enc[0], enc[1], "same init for both models");
+        for j in 0..16 {
+            let n: f32 = (0..4).map(|i| enc[0][i][j].powi(2)).sum::<f32>().sqrt();
+            assert!((n - 0.5).abs() < 1e-6);
+            for i in 0..4 {
+                assert_eq!(dec[1][j][i], enc[1][i][j]);
+            }
+        }
+        let again =
+            Crosscoder::init(4, 16, Some(0.5), CodeNormalization::Crosscoder, 42, &Device::Cpu).unwrap();
+        assert_eq!(again.w_enc.as_tensor().to_vec3::<f32>().unwrap(), enc);
+        // c_j = Σ_l ‖d_j^l‖ = 2 · 0.5.
+        let c: Vec<f32> = cc.code_weights().unwrap().to_vec1().unwrap();
+        assert!(c.iter().all(|c| (c - 1.0).abs() < 1e-6), "{c:?}");
+    }
+
+    #[test]
+    fn geometric_median_beats_the_mean_on_outliers() {
+        // Three points at the origin, one far away, in both models.
+        let d = 2;
+        let mut x = vec![0f32; 4 * 2 * d];
+        x[3 * 2 * d] = 100.0;
+        x[3 * 2 * d + d] = 100.0;
+        let m = geometric_median(&x, 4, d);
+        assert!(m.iter().all(|v| v.abs() < 1e-3), "{m:?}");
+    }
+}

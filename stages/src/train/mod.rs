@@ -1,0 +1,8 @@
+//! Crosscoder training (DOMAIN.md §2–§4): the model and its losses ([`crosscoder`]), Adam with
+//! torch semantics ([`adam`]), and the `train` stage ([`stage`]).
+
+pub mod adam;
+pub mod crosscoder;
+pub mod stage;
+
+pub use stage::{LossKind, TrainParams, TrainStage, load_crosscoder};
