@@ -9,3 +9,4 @@ mod failures;
 mod keys;
 mod resume;
 mod store;
+mod train;

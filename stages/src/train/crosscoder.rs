@@ -287,33 +287,37 @@ impl BatchTopK {
     }
 }
 
-/// Per-model geometric median of `x` (B, 2, d) by Weiszfeld's iteration (≤ 100 iterations,
-/// tolerance 1e-5, started at the mean), in f64: (2, d) row-major.
+/// Per-model geometric median of `x` (B, 2, d) by Weiszfeld's iteration, in f64: started at the
+/// mean, at most 100 iterations, stopping once neither model's estimate moved by 1e-5 (as the
+/// reference iterates both models together). Returns (2, d) row-major.
 pub fn geometric_median(x: &[f32], b: usize, d: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(2 * d);
-    for l in 0..2 {
-        let pts: Vec<&[f32]> = (0..b).map(|i| &x[(i * 2 + l) * d..(i * 2 + l + 1) * d]).collect();
-        let mut y: Vec<f64> =
-            (0..d).map(|k| pts.iter().map(|p| p[k] as f64).sum::<f64>() / b as f64).collect();
-        for _ in 0..100 {
+    let pts =
+        |l: usize| -> Vec<&[f32]> { (0..b).map(|i| &x[(i * 2 + l) * d..(i * 2 + l + 1) * d]).collect() };
+    let models = [pts(0), pts(1)];
+    let mut y: Vec<Vec<f64>> = models
+        .iter()
+        .map(|p| (0..d).map(|k| p.iter().map(|r| r[k] as f64).sum::<f64>() / b as f64).collect())
+        .collect();
+    for _ in 0..100 {
+        let mut moved = 0f64;
+        for (l, p) in models.iter().enumerate() {
             let mut num = vec![0f64; d];
             let mut den = 0f64;
-            for p in &pts {
-                let dist =
-                    p.iter().zip(&y).map(|(a, c)| (*a as f64 - c).powi(2)).sum::<f64>().sqrt().max(1e-12);
-                den += 1.0 / dist;
-                num.iter_mut().zip(p.iter()).for_each(|(n, a)| *n += *a as f64 / dist);
+            for r in p {
+                let dist = r.iter().zip(&y[l]).map(|(a, c)| (*a as f64 - c).powi(2)).sum::<f64>().sqrt();
+                let w = 1.0 / dist.max(f64::MIN_POSITIVE);
+                den += w;
+                num.iter_mut().zip(r.iter()).for_each(|(n, a)| *n += *a as f64 * w);
             }
             let next: Vec<f64> = num.iter().map(|n| n / den).collect();
-            let step = next.iter().zip(&y).map(|(a, c)| (a - c).powi(2)).sum::<f64>().sqrt();
-            y = next;
-            if step < 1e-5 {
-                break;
-            }
+            moved = moved.max(next.iter().zip(&y[l]).map(|(a, c)| (a - c).powi(2)).sum::<f64>().sqrt());
+            y[l] = next;
         }
-        out.extend(y.iter().map(|v| *v as f32));
+        if moved < 1e-5 {
+            break;
+        }
     }
-    out
+    y.iter().flatten().map(|v| *v as f32).collect()
 }
 
 /// Training and validation metrics of one batch (DOMAIN.md §4).
