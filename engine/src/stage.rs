@@ -313,6 +313,12 @@ impl StageContext {
         self.cancel.is_cancelled()
     }
     /// Returns `Err(StageError::Cancelled)` once Ctrl-C was pressed; call it between units of work.
+    /// The cancellation flag itself, for work that runs outside the context (threads, library
+    /// functions that take a `Fn() -> bool`).
+    pub fn cancel_flag(&self) -> Cancel {
+        self.cancel.clone()
+    }
+
     pub fn check_cancelled(&self) -> Result<(), StageError> {
         if self.is_cancelled() { Err(StageError::Cancelled) } else { Ok(()) }
     }

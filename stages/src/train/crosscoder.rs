@@ -202,16 +202,41 @@ pub fn kth_largest(values: &Tensor, k: &[u64]) -> Result<Vec<f32>> {
 }
 
 /// 0/1 mask of the entries of `values` (R, N) that are positive and among the `k` largest of
-/// their row (`per_row`) or of the whole tensor.
-fn top_mask(values: &Tensor, k: u64, per_row: bool) -> Result<Tensor> {
+/// their row (`per_row`) or of the whole tensor: exactly `k` of them when at least `k` are
+/// positive, ties at the boundary going to the lowest (row-major) indices, deterministically.
+pub fn top_mask(values: &Tensor, k: u64, per_row: bool) -> Result<Tensor> {
     let v = values.detach();
     let (rows, n) = v.dims2()?;
     let flat = if per_row { v.clone() } else { v.reshape((1, rows * n))? };
-    let kth = kth_largest(&flat, &vec![k; flat.dim(0)?])?;
-    let t = Tensor::from_vec(kth.clone(), (kth.len(), 1), v.device())?;
-    let keep = flat.broadcast_ge(&t)?.to_dtype(DType::F32)?;
-    let positive = flat.gt(0.0)?.to_dtype(DType::F32)?;
-    (keep * positive)?.reshape((rows, n))
+    let groups = flat.dim(0)?;
+    let kth = kth_largest(&flat, &vec![k; groups])?;
+    let t = Tensor::from_vec(kth.clone(), (groups, 1), v.device())?;
+    let ge = flat.broadcast_ge(&t)?;
+    let counts: Vec<u32> = ge.to_dtype(DType::U32)?.sum(1)?.to_vec1()?;
+    let positive = flat.gt(0.0)?;
+    let tied = (0..groups).any(|g| kth[g] > 0.0 && u64::from(counts[g]) > k);
+    let mask = if tied {
+        // Rare: drop the surplus entries equal to the k-th value, from the highest index down.
+        let mut host: Vec<Vec<u8>> = ge.to_vec2()?;
+        let vals: Vec<Vec<f32>> = flat.to_vec2()?;
+        for g in 0..groups {
+            let mut surplus = u64::from(counts[g]).saturating_sub(k);
+            for i in (0..host[g].len()).rev() {
+                if surplus == 0 || kth[g] <= 0.0 {
+                    break;
+                }
+                if host[g][i] != 0 && vals[g][i] == kth[g] {
+                    host[g][i] = 0;
+                    surplus -= 1;
+                }
+            }
+        }
+        let width = host[0].len();
+        Tensor::from_vec(host.concat(), (groups, width), v.device())?
+    } else {
+        ge
+    };
+    (mask.to_dtype(DType::F32)? * positive.to_dtype(DType::F32)?)?.reshape((rows, n))
 }
 
 /// BatchTopK settings and state.
@@ -397,6 +422,34 @@ mod tests {
         // Only positive entries are ever kept.
         let m = top_mask(&v, 4, true).unwrap().to_vec2::<f32>().unwrap();
         assert_eq!(m, [[0.0, 1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 1.0, 1.0]]);
+        // Ties at the boundary: exactly k, the lowest indices first.
+        let m = top_mask(&v, 2, true).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(m, [[0.0, 1.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0, 1.0]]);
+        let m = top_mask(&v, 3, true).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(m, [[0.0, 1.0, 1.0, 0.0, 1.0], [1.0, 0.0, 0.0, 1.0, 1.0]]);
+    }
+
+    #[test]
+    fn batch_top_k_keeps_exactly_k_times_b() {
+        // Many ties: values from a small set.
+        let vals: Vec<f32> = (0..16 * 40).map(|i| ((i * 7919) % 5) as f32 * 0.5).collect();
+        let v = Tensor::from_vec(vals.clone(), (16, 40), &Device::Cpu).unwrap();
+        for k in [1u64, 3, 10, 25] {
+            let m = top_mask(&v, k * 16, false).unwrap();
+            let kept: f32 = m.sum_all().unwrap().to_scalar().unwrap();
+            assert_eq!(kept as u64, k * 16, "k = {k}");
+            // Every kept value is ≥ every dropped positive value.
+            let m: Vec<f32> = m.flatten_all().unwrap().to_vec1().unwrap();
+            let min_kept =
+                vals.iter().zip(&m).filter(|(_, m)| **m > 0.0).map(|(v, _)| *v).fold(f32::MAX, f32::min);
+            let max_dropped =
+                vals.iter().zip(&m).filter(|(_, m)| **m == 0.0).map(|(v, _)| *v).fold(0.0, f32::max);
+            assert!(min_kept >= max_dropped);
+            assert_eq!(
+                top_mask(&v, k * 16, false).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                m
+            );
+        }
     }
 
     #[test]

@@ -374,14 +374,53 @@ struct Record<'a> {
 }
 
 fn run(p: &TrainParams, ctx: &mut StageContext) -> Result<(), StageError> {
-    let t0 = Instant::now();
     let device = device_of(ctx.device())?;
     let train_caches = open_caches(ctx, "activations")?;
-    let d = train_caches[0].d_model();
-    let n = p.tokens_per_cache.unwrap_or_else(|| train_caches.iter().map(|c| c.len()).min().unwrap_or(0));
-    let data = PairedDataset::new(train_caches, &vec![Some(n); ctx.inputs("activations").len()])
-        .map_err(|e| StageError::failed(format!("input `activations`: {e}")))?;
     let valid_caches = open_caches(ctx, "validation")?;
+    let cancel_flag = ctx.cancel_flag();
+    let cancelled = move || cancel_flag.is_cancelled();
+    let env = TrainEnv {
+        device,
+        work_dir: ctx.work_dir().to_owned(),
+        out_dir: ctx.out_dir().to_owned(),
+        progress: ctx.progress().clone(),
+        cancelled: &cancelled,
+    };
+    for (name, value) in train(p, train_caches, valid_caches, &env)? {
+        ctx.record_metric(&name, value);
+    }
+    Ok(())
+}
+
+/// Where [`train`] runs: the device, its resumable work dir and output dir, a progress bar and a
+/// cancellation check (the `train` stage passes its context's).
+pub struct TrainEnv<'a> {
+    pub device: Device,
+    pub work_dir: PathBuf,
+    pub out_dir: PathBuf,
+    pub progress: engine::progress::Progress,
+    pub cancelled: &'a dyn Fn() -> bool,
+}
+
+/// Trains a crosscoder on `train_caches` (interleaved in order), validating on `valid_caches`;
+/// writes `crosscoder.safetensors`, `config.json` and `metrics.jsonl` to `env.out_dir`, resuming
+/// from the checkpoint in `env.work_dir` if there is one. Returns the summary metrics.
+pub fn train(
+    p: &TrainParams,
+    train_caches: Vec<ActivationCache>,
+    valid_caches: Vec<ActivationCache>,
+    env: &TrainEnv<'_>,
+) -> Result<Vec<(String, serde_json::Value)>, StageError> {
+    let t0 = Instant::now();
+    let device = env.device.clone();
+    let Some(first) = train_caches.first() else {
+        return Err(StageError::failed("no training cache"));
+    };
+    let d = first.d_model();
+    let n = p.tokens_per_cache.unwrap_or_else(|| train_caches.iter().map(|c| c.len()).min().unwrap_or(0));
+    let parts = train_caches.len();
+    let data = PairedDataset::new(train_caches, &vec![Some(n); parts])
+        .map_err(|e| StageError::failed(format!("input `activations`: {e}")))?;
     let valid = if valid_caches.is_empty() {
         None
     } else {
@@ -422,7 +461,7 @@ fn run(p: &TrainParams, ctx: &mut StageContext) -> Result<(), StageError> {
         p.loss,
         p.batch_size,
         data.caches().len(),
-        ctx.device()
+        device_name(&device)
     );
 
     let cc =
@@ -435,7 +474,7 @@ fn run(p: &TrainParams, ctx: &mut StageContext) -> Result<(), StageError> {
         since_fired: vec![0; f],
         threshold: -1.0,
     });
-    let work = ctx.work_dir().to_owned();
+    let work = env.work_dir.clone();
     let metrics_path = work.join("metrics.jsonl");
     let (mut step, metrics_len) =
         load_checkpoint(&work, &cc, &mut adam, topk.as_mut(), &device)?.unwrap_or((0, 0));
@@ -455,7 +494,7 @@ fn run(p: &TrainParams, ctx: &mut StageContext) -> Result<(), StageError> {
     metrics.seek(std::io::SeekFrom::End(0)).map_err(|e| StageError::io(metrics_path.display(), e))?;
     let mut metrics_written = metrics_len;
 
-    let progress = ctx.progress().clone();
+    let progress = env.progress.clone();
     progress.set_total(steps, "steps");
     progress.set_done(step);
     let mut order = shuffle.iter_from(step * p.batch_size as u64);
@@ -464,7 +503,9 @@ fn run(p: &TrainParams, ctx: &mut StageContext) -> Result<(), StageError> {
     let params = cc.vars();
     let mut last_train: Option<serde_json::Value> = None;
     while step < steps {
-        ctx.check_cancelled()?;
+        if (env.cancelled)() {
+            return Err(StageError::Cancelled);
+        }
         let idx: Vec<u64> = order.by_ref().take(p.batch_size).collect();
         data.batch_into(&idx, &mut host);
         let x = Tensor::from_slice(&host, (p.batch_size, 2, d), &device).map_err(candle)?;
@@ -552,24 +593,32 @@ fn run(p: &TrainParams, ctx: &mut StageContext) -> Result<(), StageError> {
     };
     metrics.flush().map_err(|e| StageError::io(metrics_path.display(), e))?;
     let _ = metrics_written;
-    let out_dir = ctx.out_dir().to_owned();
+    let out_dir = env.out_dir.clone();
     std::fs::copy(&metrics_path, out_dir.join("metrics.jsonl"))
         .map_err(|e| StageError::io(out_dir.join("metrics.jsonl").display(), e))?;
     write_crosscoder(&out_dir, &cc, topk.as_ref(), p, d, f, steps)?;
 
+    let mut summary = Vec::new();
     for (prefix, json) in [("train", &last_train), ("val", &final_valid)] {
         if let Some(serde_json::Value::Object(m)) = json {
             for (k, v) in m {
                 if !matches!(k.as_str(), "split" | "lr") {
-                    ctx.record_metric(&format!("{prefix}/{k}"), v.clone());
+                    summary.push((format!("{prefix}/{k}"), v.clone()));
                 }
             }
         }
     }
-    ctx.record_metric("steps", steps);
-    ctx.record_metric("dict_size", f as u64);
-    ctx.record_metric("seconds", t0.elapsed().as_secs_f64().round());
-    Ok(())
+    summary.push(("steps".into(), steps.into()));
+    summary.push(("dict_size".into(), (f as u64).into()));
+    summary.push(("seconds".into(), t0.elapsed().as_secs_f64().round().into()));
+    Ok(summary)
+}
+
+fn device_name(device: &Device) -> String {
+    match device {
+        Device::Cpu => "cpu".into(),
+        other => format!("{:?}", other.location()),
+    }
 }
 
 fn write_line(w: &mut impl Write, json: &serde_json::Value, path: &Path) -> Result<u64, StageError> {
