@@ -392,6 +392,119 @@ impl Shard {
     }
 }
 
+/// Writes a complete cache folder from documents given in memory: for activations that do not
+/// come from the `cache` stage (synthetic data in tests and benchmarks, imports).
+pub struct CacheBuilder {
+    dir: PathBuf,
+    d_model: usize,
+    dtype: StoreDtype,
+    shard_tokens: u64,
+    current: Option<(ShardWriter, String, u64)>,
+    shards: Vec<ShardInfo>,
+    docs: u64,
+    tokens: u64,
+    welford: Welford,
+}
+
+impl CacheBuilder {
+    pub fn new(
+        dir: &Path,
+        d_model: usize,
+        dtype: StoreDtype,
+        shard_tokens: u64,
+    ) -> Result<CacheBuilder, CacheError> {
+        let shards = dir.join("shards");
+        std::fs::create_dir_all(&shards).map_err(|source| CacheError::Io { path: shards, source })?;
+        Ok(CacheBuilder {
+            dir: dir.to_owned(),
+            d_model,
+            dtype,
+            shard_tokens,
+            current: None,
+            shards: Vec::new(),
+            docs: 0,
+            tokens: 0,
+            welford: Welford::new(2 * d_model),
+        })
+    }
+
+    /// Appends one document: `acts` (n, 2, d) row-major, `tokens` its n ids.
+    pub fn push_doc(&mut self, acts: &[f32], tokens: &[u32]) -> Result<(), CacheError> {
+        if self.current.is_none() {
+            let file = format!("shards/{:05}.safetensors", self.shards.len());
+            let w = ShardWriter::create(&self.dir.join(&file), self.d_model, self.dtype)?;
+            self.current = Some((w, file, self.docs));
+        }
+        let (w, _, _) = self.current.as_mut().expect("just created");
+        w.append(acts, tokens, &[tokens.len()])?;
+        self.welford.update(acts);
+        self.docs += 1;
+        self.tokens += tokens.len() as u64;
+        if w.rows() >= self.shard_tokens {
+            self.close_shard()?;
+        }
+        Ok(())
+    }
+
+    fn close_shard(&mut self) -> Result<(), CacheError> {
+        if let Some((w, file, first_doc)) = self.current.take() {
+            let (tokens, docs) = w.finish()?;
+            self.shards.push(ShardInfo { file, tokens, first_doc, docs });
+        }
+        Ok(())
+    }
+
+    /// Finishes the last shard and writes `stats.safetensors` and `cache.json` (with `layer` 0,
+    /// no models and no dataset files: `origin` says where the activations came from).
+    pub fn finish(mut self, origin: &str) -> Result<CacheMeta, CacheError> {
+        self.close_shard()?;
+        let d = self.d_model;
+        let stats = self.dir.join("stats.safetensors");
+        let cpu = candle_core::Device::Cpu;
+        let to32 = |v: &[f64]| v.iter().map(|x| *x as f32).collect::<Vec<f32>>();
+        let tensor = |v: Vec<f32>| candle_core::Tensor::from_vec(v, (2, d), &cpu);
+        let map: std::collections::HashMap<String, candle_core::Tensor> = [
+            ("mean", tensor(to32(&self.welford.mean))),
+            ("std", tensor(to32(&self.welford.std()))),
+            ("count", candle_core::Tensor::from_vec(vec![self.welford.count as f64], 1, &cpu)),
+            ("m2", candle_core::Tensor::from_vec(self.welford.m2.clone(), (2, d), &cpu)),
+        ]
+        .into_iter()
+        .map(|(k, v)| v.map(|v| (k.to_string(), v)))
+        .collect::<candle_core::Result<_>>()
+        .map_err(|e| CacheError::corrupt(&stats, e.to_string()))?;
+        candle_core::safetensors::save(&map, &stats)
+            .map_err(|e| CacheError::corrupt(&stats, e.to_string()))?;
+        let meta = CacheMeta {
+            format: FORMAT.into(),
+            d_model: d,
+            layer: 0,
+            dtype: self.dtype,
+            compute_dtype: "f32".into(),
+            tokens: self.tokens,
+            docs: self.docs,
+            shards: self.shards,
+            models: Vec::new(),
+            tokenizer: PathBuf::new(),
+            context_len: 0,
+            ignore_first_n: 0,
+            base_token_map: Vec::new(),
+            bos_id: None,
+            dataset: DatasetInfo {
+                files: Vec::new(),
+                split: None,
+                column: origin.into(),
+                column_type: "synthetic".into(),
+            },
+            stats: "stats.safetensors".into(),
+        };
+        let path = self.dir.join("cache.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(&meta).expect("serializable"))
+            .map_err(|source| CacheError::Io { path, source })?;
+        Ok(meta)
+    }
+}
+
 /// Welford / Chan running mean and M2 per dimension, in f64, for `width` dimensions. Serialized
 /// as exact bit patterns, so a resumed run continues with the very same state.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

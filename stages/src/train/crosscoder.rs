@@ -473,6 +473,95 @@ mod tests {
         assert!(c.iter().all(|c| (c - 1.0).abs() < 1e-6), "{c:?}");
     }
 
+    /// Central finite differences of the L1 and BatchTopK losses agree with autograd (BatchTopK
+    /// with the selection fixed: the mask is piecewise constant).
+    #[test]
+    fn gradients_match_finite_differences() {
+        let dev = Device::Cpu;
+        let (d, f, b) = (3, 8, 6);
+        let x: Vec<f32> = (0..b * 2 * d).map(|i| ((i * 37 % 17) as f32 / 17.0 - 0.3) * 2.0).collect();
+        let x = Tensor::from_vec(x, (b, 2, d), &dev).unwrap();
+        for topk in [false, true] {
+            let cc = Crosscoder::init(d, f, Some(0.7), CodeNormalization::Crosscoder, 3, &dev).unwrap();
+            cc.b_enc.set(&Tensor::full(0.05f32, f, &dev).unwrap()).unwrap();
+            let loss = |cc: &Crosscoder| -> f64 {
+                if topk {
+                    let mut t = BatchTopK {
+                        k: 3,
+                        auxk_alpha: 0.0,
+                        dead_tokens: u64::MAX,
+                        since_fired: vec![0; f],
+                        threshold: -1.0,
+                    };
+                    t.loss(cc, &x).unwrap().loss.to_scalar::<f32>().unwrap() as f64
+                } else {
+                    l1_loss(cc, &x, 0.05).unwrap().loss.to_scalar::<f32>().unwrap() as f64
+                }
+            };
+            let analytic = if topk {
+                let mut t = BatchTopK {
+                    k: 3,
+                    auxk_alpha: 0.0,
+                    dead_tokens: u64::MAX,
+                    since_fired: vec![0; f],
+                    threshold: -1.0,
+                };
+                t.loss(&cc, &x).unwrap().loss.backward().unwrap()
+            } else {
+                l1_loss(&cc, &x, 0.05).unwrap().loss.backward().unwrap()
+            };
+            for var in cc.vars() {
+                let g: Vec<f32> =
+                    analytic.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                let w: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+                let shape = var.as_tensor().shape().clone();
+                for i in (0..w.len()).step_by(3) {
+                    let h = 1e-2f32;
+                    let at = |delta: f32| {
+                        let mut v = w.clone();
+                        v[i] += delta;
+                        var.set(&Tensor::from_vec(v, shape.clone(), &dev).unwrap()).unwrap();
+                        loss(&cc)
+                    };
+                    let numeric = (at(h) - at(-h)) / (2.0 * h as f64);
+                    var.set(&Tensor::from_vec(w.clone(), shape.clone(), &dev).unwrap()).unwrap();
+                    let err = (numeric - g[i] as f64).abs();
+                    assert!(
+                        err <= 2e-3 + 2e-2 * numeric.abs(),
+                        "topk={topk} {i}: numeric {numeric} vs autograd {}",
+                        g[i]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn auxiliary_loss_is_zero_without_dead_latents() {
+        let dev = Device::Cpu;
+        let cc = Crosscoder::init(4, 16, Some(1.0), CodeNormalization::Crosscoder, 1, &dev).unwrap();
+        let x = Tensor::from_vec(
+            (0..8 * 8).map(|i| (i as f32 * 0.37).sin()).collect::<Vec<_>>(),
+            (8, 2, 4),
+            &dev,
+        )
+        .unwrap();
+        let mut t = BatchTopK {
+            k: 2,
+            auxk_alpha: 1.0 / 32.0,
+            dead_tokens: 1_000,
+            since_fired: vec![0; 16],
+            threshold: -1.0,
+        };
+        let out = t.loss(&cc, &x).unwrap();
+        assert_eq!(out.auxk.unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        assert_eq!(out.loss.to_scalar::<f32>().unwrap(), out.l2.to_scalar::<f32>().unwrap());
+        // Once latents are dead, it is positive.
+        t.since_fired.iter_mut().for_each(|s| *s = 5_000);
+        let out = t.loss(&cc, &x).unwrap();
+        assert!(out.auxk.unwrap().to_scalar::<f32>().unwrap() > 0.0);
+    }
+
     #[test]
     fn geometric_median_beats_the_mean_on_outliers() {
         // Three points at the origin, one far away, in both models.

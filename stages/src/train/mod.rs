@@ -5,4 +5,4 @@ pub mod adam;
 pub mod crosscoder;
 pub mod stage;
 
-pub use stage::{LossKind, TrainParams, TrainStage, load_crosscoder};
+pub use stage::{LossKind, TrainEnv, TrainParams, TrainStage, load_crosscoder, train};
