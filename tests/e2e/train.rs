@@ -152,3 +152,23 @@ fn train_errors_name_the_problem() {
     assert_eq!(o.status.code(), Some(2), "{e}");
     assert!(e.contains("k") && e.contains("at least 1"), "{e}");
 }
+
+/// Activation normalisation (off in the paper) stores dictionary_learning's buffers; the
+/// reference's dead-latent counting changes the counters, hence the weights.
+#[test]
+fn normalisation_and_reference_dead_counting() {
+    let env = Env::pipe();
+    let base = "[stages.train]\nkind = \"train\"\nactivations = [\"cache_web\", \"cache_chat\"]\nk = 4\nexpansion_factor = 4\nbatch_size = 256\nepochs = 4\nlr = 1e-3\nwarmup_steps = 10\nshuffle_window = 1000\ndead_tokens = 2000\nlog_every = 5\n";
+    env.write("plain.toml", &with_train(base));
+    env.write("norm.toml", &with_train(&format!("{base}normalize_activations = true\n")));
+    env.write("ref.toml", &with_train(&format!("{base}dead_counting = \"reference\"\n")));
+    for f in ["plain.toml", "norm.toml", "ref.toml"] {
+        env.ok(&["run", f]);
+    }
+    let plain = env.out("plain.toml", "train");
+    assert!(stages::train::load_normalizer(&plain).unwrap().is_none());
+    let n = stages::train::load_normalizer(&env.out("norm.toml", "train")).unwrap().expect("normalised");
+    assert!(n.keep_relative_variance && n.global_scale > 0.0 && n.mean.iter().all(|m| m.is_finite()));
+    let read = |p: PathBuf| std::fs::read(p.join("crosscoder.safetensors")).unwrap();
+    assert!(read(plain.clone()) != read(env.out("ref.toml", "train")), "reference counting changed nothing");
+}

@@ -137,6 +137,23 @@ impl ActivationCache {
         self.starts[s] + offsets[local]..self.starts[s] + offsets[local + 1]
     }
 
+    /// Welford's state from `stats.safetensors`: (count, mean (2·d), m2 (2·d)), for merging the
+    /// statistics of several caches exactly.
+    pub fn stats_raw(&self) -> Result<(f64, Vec<f64>, Vec<f64>), CacheError> {
+        let path = self.dir.join(&self.meta.stats);
+        let tensors = candle_core::safetensors::load(&path, &candle_core::Device::Cpu)
+            .map_err(|e| CacheError::corrupt(&path, e.to_string()))?;
+        let get = |name: &str| -> Result<Vec<f64>, CacheError> {
+            let t =
+                tensors.get(name).ok_or_else(|| CacheError::corrupt(&path, format!("no tensor `{name}`")))?;
+            t.flatten_all()
+                .and_then(|t| t.to_dtype(candle_core::DType::F64))
+                .and_then(|t| t.to_vec1::<f64>())
+                .map_err(|e| CacheError::corrupt(&path, e.to_string()))
+        };
+        Ok((get("count")?[0], get("mean")?, get("m2")?))
+    }
+
     /// Per-dimension mean and unbiased std of every stored token, each (2, d) flattened (base then
     /// chat), from `stats.safetensors`.
     pub fn stats(&self) -> Result<(Vec<f32>, Vec<f32>), CacheError> {

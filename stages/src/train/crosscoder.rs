@@ -266,10 +266,7 @@ impl BatchTopK {
         let x_hat = cc.decode(&f)?;
         let l2 = recon_l2(x, &x_hat)?;
 
-        let fired: Vec<u8> = mask.max(0)?.gt(0.0)?.to_vec1()?;
-        for (s, fired) in self.since_fired.iter_mut().zip(&fired) {
-            *s = if *fired != 0 { 0 } else { *s + b as u64 };
-        }
+        self.count_firing(&mask)?;
         let dead: Vec<f32> =
             self.since_fired.iter().map(|s| if *s >= self.dead_tokens { 1.0 } else { 0.0 }).collect();
         let n_dead = dead.iter().filter(|d| **d > 0.0).count();
@@ -292,6 +289,24 @@ impl BatchTopK {
         Ok(LossOut { loss, l2, sparsity: None, auxk: Some(auxk), f, x_hat })
     }
 
+    /// Folds a batch's codes `f` (B, F) into the dead-latent counters: a latent that is nonzero
+    /// anywhere in the batch restarts at 0, the others age by B tokens.
+    pub fn count_firing(&mut self, f: &Tensor) -> Result<()> {
+        let b = f.dim(0)? as u64;
+        let fired: Vec<u8> = f.ne(0.0)?.max(0)?.to_vec1()?;
+        for (s, fired) in self.since_fired.iter_mut().zip(&fired) {
+            *s = if *fired != 0 { 0 } else { *s + b };
+        }
+        Ok(())
+    }
+
+    /// The training (batch top-k) codes of `x`, unscaled, without touching any state.
+    pub fn encode_topk(&self, cc: &Crosscoder, x: &Tensor) -> Result<Tensor> {
+        let post = cc.pre_relu(x)?;
+        let scaled = post.broadcast_mul(&cc.code_weights()?.detach())?;
+        post * top_mask(&scaled, self.k * x.dim(0)? as u64, false)?
+    }
+
     /// The threshold EMA (DOMAIN.md §2b), from the training codes `f` of a step.
     pub fn update_threshold(&mut self, cc: &Crosscoder, f: &Tensor) -> Result<()> {
         let scaled = f.detach().broadcast_mul(&cc.code_weights()?.detach())?;
@@ -309,6 +324,47 @@ impl BatchTopK {
         let post = cc.pre_relu(x)?;
         let scaled = post.broadcast_mul(&cc.code_weights()?)?;
         post * scaled.gt(self.threshold as f64)?.to_dtype(DType::F32)?
+    }
+}
+
+/// Optional activation normalisation (DOMAIN.md §3, dictionary_learning's NormalizableMixin):
+/// x ↦ (x − μ) · s per (model, dimension), with s = target_rms / √(Σ σ² + 1e-8) for every entry
+/// (`keep_relative_variance`) or 1 / (σ + 1e-8).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Normalizer {
+    /// (2, d) row-major.
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+    /// The global scale (keep_relative_variance), else 1.0.
+    pub global_scale: f32,
+    pub keep_relative_variance: bool,
+}
+
+impl Normalizer {
+    pub const TARGET_RMS: f32 = 1.0;
+
+    pub fn new(mean: Vec<f32>, std: Vec<f32>, keep_relative_variance: bool) -> Normalizer {
+        let total: f64 = std.iter().map(|s| (*s as f64).powi(2)).sum();
+        let global_scale = if keep_relative_variance {
+            (Self::TARGET_RMS as f64 / (total + 1e-8).sqrt()) as f32
+        } else {
+            1.0
+        };
+        Normalizer { mean, std, global_scale, keep_relative_variance }
+    }
+
+    /// Normalises rows of (2, d) in place.
+    pub fn apply(&self, rows: &mut [f32]) {
+        let width = self.mean.len();
+        for row in rows.chunks_exact_mut(width) {
+            for ((x, m), s) in row.iter_mut().zip(&self.mean).zip(&self.std) {
+                *x = if self.keep_relative_variance {
+                    (*x - m) * self.global_scale
+                } else {
+                    (*x - m) / (s + 1e-8)
+                };
+            }
+        }
     }
 }
 
@@ -560,6 +616,22 @@ mod tests {
         t.since_fired.iter_mut().for_each(|s| *s = 5_000);
         let out = t.loss(&cc, &x).unwrap();
         assert!(out.auxk.unwrap().to_scalar::<f32>().unwrap() > 0.0);
+    }
+
+    #[test]
+    fn normalizer_scales_to_unit_rms_or_z_scores() {
+        let mean = vec![1.0, -1.0, 0.0, 2.0];
+        let std = vec![2.0, 2.0, 1.0, 1.0];
+        let n = Normalizer::new(mean.clone(), std.clone(), true);
+        assert!((n.global_scale - 1.0 / 10f32.sqrt()).abs() < 1e-6);
+        let mut row = vec![3.0, 1.0, 1.0, 3.0];
+        n.apply(&mut row);
+        let want: Vec<f32> = [2.0f32, 2.0, 1.0, 1.0].iter().map(|v| v * n.global_scale).collect();
+        assert_eq!(row, want);
+        let z = Normalizer::new(mean, std, false);
+        let mut row = vec![3.0, 1.0, 1.0, 3.0];
+        z.apply(&mut row);
+        assert!(row.iter().zip([1.0, 1.0, 1.0, 1.0]).all(|(a, b)| (a - b).abs() < 1e-6), "{row:?}");
     }
 
     #[test]

@@ -5,4 +5,4 @@ pub mod adam;
 pub mod crosscoder;
 pub mod stage;
 
-pub use stage::{LossKind, TrainEnv, TrainParams, TrainStage, load_crosscoder, train};
+pub use stage::{LossKind, TrainEnv, TrainParams, TrainStage, load_crosscoder, load_normalizer, train};

@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use super::adam::{Adam, clip_grad_norm};
 use super::crosscoder::{
-    BatchStats, BatchTopK, CodeNormalization, Crosscoder, batch_stats, geometric_median, l1_loss, recon_l2,
-    specific_latents,
+    BatchStats, BatchTopK, CodeNormalization, Crosscoder, Normalizer, batch_stats, geometric_median, l1_loss,
+    recon_l2, specific_latents,
 };
 use crate::cache::{ActivationCache, LocalShuffle, PairedDataset};
 
@@ -101,11 +101,34 @@ pub struct TrainParams {
     pub validation_tokens_per_cache: u64,
     #[serde(default = "default_validation_batch")]
     pub validation_batch_size: usize,
+    /// Which calls age the dead-latent counters: `training` (training steps only, the default)
+    /// or `reference` (as dictionary_learning does: also its two logging forwards at every
+    /// `log_every` step, top-k then threshold codes, and every validation batch).
+    #[serde(default)]
+    pub dead_counting: DeadCounting,
+    /// Normalise activations with the training caches' statistics (off in the paper).
+    #[serde(default)]
+    pub normalize_activations: bool,
+    /// With `normalize_activations`: one global scale to RMS 1 (true) or per-dimension z-scores.
+    #[serde(default = "default_true")]
+    pub keep_relative_variance: bool,
     /// Checkpoint every N steps. Not in the key.
     #[serde(default = "default_checkpoint_every")]
     pub checkpoint_every: u64,
 }
 
+/// See [`TrainParams::dead_counting`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DeadCounting {
+    #[default]
+    Training,
+    Reference,
+}
+
+fn default_true() -> bool {
+    true
+}
 fn default_k() -> u64 {
     100
 }
@@ -494,6 +517,11 @@ pub fn train(
     metrics.seek(std::io::SeekFrom::End(0)).map_err(|e| StageError::io(metrics_path.display(), e))?;
     let mut metrics_written = metrics_len;
 
+    let normalizer = if p.normalize_activations {
+        Some(merged_normalizer(data.caches(), p.keep_relative_variance)?)
+    } else {
+        None
+    };
     let progress = env.progress.clone();
     progress.set_total(steps, "steps");
     progress.set_done(step);
@@ -508,7 +536,21 @@ pub fn train(
         }
         let idx: Vec<u64> = order.by_ref().take(p.batch_size).collect();
         data.batch_into(&idx, &mut host);
+        if let Some(n) = &normalizer {
+            n.apply(&mut host);
+        }
         let x = Tensor::from_slice(&host, (p.batch_size, 2, d), &device).map_err(candle)?;
+        if let Some(t) = topk.as_mut()
+            && p.dead_counting == DeadCounting::Reference
+            && step % p.log_every == 0
+        {
+            // dictionary_learning's two logging forwards (top-k, then threshold codes) run
+            // before the update and age the counters too.
+            let f = t.encode_topk(&cc, &x).map_err(candle)?;
+            t.count_firing(&f).map_err(candle)?;
+            let f = t.encode_threshold(&cc, &x).map_err(candle)?;
+            t.count_firing(&f).map_err(candle)?;
+        }
         if step == 0 && topk.is_some() {
             let median = geometric_median(&host, p.batch_size, d);
             cc.b_dec.set(&Tensor::from_vec(median, (2, d), &device).map_err(candle)?).map_err(candle)?;
@@ -573,7 +615,7 @@ pub fn train(
             && step > 0
             && step % p.validate_every == 0
         {
-            let json = validate(&cc, topk.as_ref(), v, p, step, &device)?;
+            let json = validate(&cc, topk.as_mut(), v, normalizer.as_ref(), p, step, &device)?;
             metrics_written += write_line(&mut metrics, &json, &metrics_path)?;
         }
         if (step + 1) % p.checkpoint_every == 0 && step + 1 < steps {
@@ -585,7 +627,7 @@ pub fn train(
     }
     let final_valid = match &valid {
         Some(v) => {
-            let json = validate(&cc, topk.as_ref(), v, p, step, &device)?;
+            let json = validate(&cc, topk.as_mut(), v, normalizer.as_ref(), p, step, &device)?;
             metrics_written += write_line(&mut metrics, &json, &metrics_path)?;
             Some(json)
         }
@@ -596,7 +638,7 @@ pub fn train(
     let out_dir = env.out_dir.clone();
     std::fs::copy(&metrics_path, out_dir.join("metrics.jsonl"))
         .map_err(|e| StageError::io(out_dir.join("metrics.jsonl").display(), e))?;
-    write_crosscoder(&out_dir, &cc, topk.as_ref(), p, d, f, steps)?;
+    write_crosscoder(&out_dir, &cc, topk.as_ref(), normalizer.as_ref(), p, d, f, steps)?;
 
     let mut summary = Vec::new();
     for (prefix, json) in [("train", &last_train), ("val", &final_valid)] {
@@ -632,8 +674,9 @@ fn write_line(w: &mut impl Write, json: &serde_json::Value, path: &Path) -> Resu
 /// threshold, as the reference validates); a latent is dead if it fires in no batch.
 fn validate(
     cc: &Crosscoder,
-    topk: Option<&BatchTopK>,
+    mut topk: Option<&mut BatchTopK>,
     data: &PairedDataset,
+    normalizer: Option<&Normalizer>,
     p: &TrainParams,
     step: u64,
     device: &Device,
@@ -651,12 +694,20 @@ fn validate(
         let idx: Vec<u64> = (start..end).collect();
         let mut host = vec![0f32; idx.len() * 2 * d];
         data.batch_into(&idx, &mut host);
+        if let Some(n) = normalizer {
+            n.apply(&mut host);
+        }
         let x = Tensor::from_vec(host, (idx.len(), 2, d), device).map_err(candle)?;
-        let f = match topk {
+        let f = match topk.as_deref() {
             Some(t) if t.threshold >= 0.0 => t.encode_threshold(cc, &x),
             _ => cc.pre_relu(&x),
         }
         .map_err(candle)?;
+        if let Some(t) = topk.as_deref_mut()
+            && p.dead_counting == DeadCounting::Reference
+        {
+            t.count_firing(&f).map_err(candle)?;
+        }
         let x_hat = cc.decode(&f).map_err(candle)?;
         let (stats, dead) = batch_stats(cc, &x, &x_hat, &f).map_err(candle)?;
         l2 += recon_l2(&x, &x_hat).and_then(|t| t.to_scalar::<f32>()).map_err(candle)? as f64;
@@ -702,10 +753,12 @@ fn validate(
 
 /// `crosscoder.safetensors` with dictionary_learning's state-dict names and `config.json` with
 /// its `trainer` block, so its tools can load our crosscoders.
+#[allow(clippy::too_many_arguments)]
 fn write_crosscoder(
     dir: &Path,
     cc: &Crosscoder,
     topk: Option<&BatchTopK>,
+    normalizer: Option<&Normalizer>,
     p: &TrainParams,
     d: usize,
     f: usize,
@@ -717,6 +770,15 @@ fn write_crosscoder(
         tensors.insert(name.to_string(), var.as_tensor().to_device(&cpu).map_err(candle)?);
     }
     tensors.insert("code_normalization_id".into(), Tensor::new(cc.norm.id(), &cpu).map_err(candle)?);
+    // NormalizableMixin's buffers: NaN statistics and scale 1 when normalisation is off.
+    let (mean, std, scale) = match normalizer {
+        Some(n) => (n.mean.clone(), n.std.clone(), n.global_scale),
+        None => (vec![f32::NAN; 2 * cc.d], vec![f32::NAN; 2 * cc.d], 1.0),
+    };
+    tensors.insert("activation_mean".into(), Tensor::from_vec(mean, (2, cc.d), &cpu).map_err(candle)?);
+    tensors.insert("activation_std".into(), Tensor::from_vec(std, (2, cc.d), &cpu).map_err(candle)?);
+    tensors.insert("activation_global_scale".into(), Tensor::new(scale, &cpu).map_err(candle)?);
+    tensors.insert("target_rms".into(), Tensor::new(Normalizer::TARGET_RMS, &cpu).map_err(candle)?);
     if let Some(t) = topk {
         tensors.insert("k".into(), Tensor::new(t.k as i64, &cpu).map_err(candle)?);
         tensors.insert("threshold".into(), Tensor::new(t.threshold, &cpu).map_err(candle)?);
@@ -801,4 +863,48 @@ pub fn load_crosscoder(dir: &Path, device: &Device) -> Result<(Crosscoder, Optio
         Err(_) => None,
     };
     Ok((cc, threshold))
+}
+
+/// The normaliser of `caches`' pooled statistics (each cache's Welford state merged exactly).
+fn merged_normalizer(
+    caches: &[ActivationCache],
+    keep_relative_variance: bool,
+) -> Result<Normalizer, StageError> {
+    let mut total = 0f64;
+    let mut parts = Vec::new();
+    for c in caches {
+        let (count, mean, m2) =
+            c.stats_raw().map_err(|e| StageError::failed(format!("normalize_activations: {e}")))?;
+        total += count;
+        parts.push((count, mean, m2));
+    }
+    let width = parts[0].1.len();
+    let mean: Vec<f64> =
+        (0..width).map(|i| parts.iter().map(|(n, m, _)| n * m[i]).sum::<f64>() / total).collect();
+    let m2: Vec<f64> = (0..width)
+        .map(|i| parts.iter().map(|(n, m, s)| s[i] + n * (m[i] - mean[i]).powi(2)).sum::<f64>())
+        .collect();
+    let std: Vec<f32> = m2.iter().map(|s| (s / (total - 1.0)).sqrt() as f32).collect();
+    Ok(Normalizer::new(mean.iter().map(|m| *m as f32).collect(), std, keep_relative_variance))
+}
+
+/// The activation normaliser a crosscoder was trained with (`activation_mean` etc. in its state
+/// dict), or `None` when it was trained on raw activations (NaN buffers, or none at all).
+pub fn load_normalizer(dir: &Path) -> Result<Option<Normalizer>, StageError> {
+    let path = dir.join("crosscoder.safetensors");
+    let tensors = candle_core::safetensors::load(&path, &Device::Cpu)
+        .map_err(|e| StageError::failed(format!("{}: {e}", path.display())))?;
+    let vec = |name: &str| -> Option<Vec<f32>> {
+        tensors.get(name).and_then(|t| t.to_dtype(DType::F32).ok()?.flatten_all().ok()?.to_vec1().ok())
+    };
+    let (Some(mean), Some(std)) = (vec("activation_mean"), vec("activation_std")) else {
+        return Ok(None);
+    };
+    if mean.iter().any(|m| m.is_nan()) {
+        return Ok(None);
+    }
+    let scale = vec("activation_global_scale").and_then(|v| v.first().copied()).unwrap_or(1.0);
+    let mut n = Normalizer::new(mean, std, scale != 1.0);
+    n.global_scale = scale;
+    Ok(Some(n))
 }
