@@ -13,6 +13,6 @@ use engine::Registry;
 /// Every stage kind this build of `pipe` knows.
 pub fn registry() -> Registry {
     let mut r = Registry::new();
-    r.register(cache::CacheStage).register(train::TrainStage);
+    r.register(cache::CacheStage).register(train::TrainStage).register(train::import::CrosscoderImport);
     r
 }

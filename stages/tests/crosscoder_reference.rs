@@ -50,6 +50,7 @@ fn model(fx: &HashMap<String, Tensor>, prefix: &str) -> Crosscoder {
         norm: CodeNormalization::Crosscoder,
         d: 8,
         f: 32,
+        matmul_dtype: DType::F32,
     }
 }
 

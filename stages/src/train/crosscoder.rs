@@ -57,9 +57,20 @@ pub struct Crosscoder {
     pub norm: CodeNormalization,
     pub d: usize,
     pub f: usize,
+    /// The dtype of the two large matmuls (encode, decode): f32, or bf16 as autocast does it
+    /// (inputs cast down, results back to f32; the weights stay f32).
+    pub matmul_dtype: DType,
 }
 
 impl Crosscoder {
+    /// `a @ b` in [`Crosscoder::matmul_dtype`], returned in f32.
+    fn mm(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        if self.matmul_dtype == DType::F32 {
+            return a.matmul(b);
+        }
+        a.to_dtype(self.matmul_dtype)?.matmul(&b.to_dtype(self.matmul_dtype)?)?.to_dtype(DType::F32)
+    }
+
     /// DOMAIN.md §2 init: one (d, F) kaiming-uniform matrix (bound √(6/F), torch's fan_in of a 2-D
     /// tensor being its second size) for both models, columns scaled to norm `norm_init_scale`;
     /// decoder = encoder transposed; biases zero. Drawn from `seed` with SplitMix64.
@@ -93,6 +104,7 @@ impl Crosscoder {
             norm,
             d,
             f,
+            matmul_dtype: DType::F32,
         })
     }
 
@@ -107,7 +119,7 @@ impl Crosscoder {
     pub fn pre_relu(&self, x: &Tensor) -> Result<Tensor> {
         let b = x.dim(0)?;
         let w = self.w_enc.as_tensor().reshape((2 * self.d, self.f))?;
-        x.reshape((b, 2 * self.d))?.matmul(&w)?.broadcast_add(self.b_enc.as_tensor())?.relu()
+        self.mm(&x.reshape((b, 2 * self.d))?, &w)?.broadcast_add(self.b_enc.as_tensor())?.relu()
     }
 
     /// The decoder as (F, 2d): row j is [d_j^base | d_j^chat].
@@ -119,12 +131,12 @@ impl Crosscoder {
     pub fn decode(&self, f: &Tensor) -> Result<Tensor> {
         let b = f.dim(0)?;
         let bias = self.b_dec.as_tensor().reshape(2 * self.d)?;
-        f.matmul(&self.dec_flat()?)?.broadcast_add(&bias)?.reshape((b, 2, self.d))
+        self.mm(f, &self.dec_flat()?)?.broadcast_add(&bias)?.reshape((b, 2, self.d))
     }
 
     /// f W_dec without the bias, flattened: (B, 2d).
     fn decode_no_bias_flat(&self, f: &Tensor) -> Result<Tensor> {
-        f.matmul(&self.dec_flat()?)
+        self.mm(f, &self.dec_flat()?)
     }
 
     /// ‖W_dec[l, j, :]‖: (2, F).

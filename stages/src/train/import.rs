@@ -107,7 +107,8 @@ impl Imported {
     /// Writes `crosscoder.safetensors` and `config.json` into `dir`.
     pub fn write(&self, dir: &Path) -> Result<(), StageError> {
         let path = dir.join("crosscoder.safetensors");
-        let tensors: HashMap<&str, Tensor> = self.tensors.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        let tensors: HashMap<&str, Tensor> =
+            self.tensors.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
         candle_core::safetensors::save(&tensors, &path)
             .map_err(|e| StageError::failed(format!("{}: {e}", path.display())))?;
         let path = dir.join("config.json");
@@ -127,9 +128,10 @@ pub fn import_checkpoint(src: &Path, file: Option<&str>) -> Result<Imported, Sta
         let path = pick_file(src, file)?;
         let config_path = src.join("config.json");
         let config = match std::fs::read(&config_path) {
-            Ok(bytes) => Some(serde_json::from_slice::<Value>(&bytes).map_err(|e| {
-                fail(&config_path, format!("not valid JSON ({e}); fix or remove it"))
-            })?),
+            Ok(bytes) => Some(
+                serde_json::from_slice::<Value>(&bytes)
+                    .map_err(|e| fail(&config_path, format!("not valid JSON ({e}); fix or remove it")))?,
+            ),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(StageError::io(config_path.display(), e)),
         };
@@ -148,7 +150,11 @@ pub fn import_checkpoint(src: &Path, file: Option<&str>) -> Result<Imported, Sta
 fn pick_file(dir: &Path, file: Option<&str>) -> Result<PathBuf, StageError> {
     if let Some(file) = file {
         let path = dir.join(file);
-        return if path.is_file() { Ok(path) } else { Err(fail(dir, format!("no file `{file}` (parameter `file`)"))) };
+        return if path.is_file() {
+            Ok(path)
+        } else {
+            Err(fail(dir, format!("no file `{file}` (parameter `file`)")))
+        };
     }
     for name in FOLDER_FILES {
         if dir.join(name).is_file() {
@@ -166,8 +172,10 @@ fn pick_file(dir: &Path, file: Option<&str>) -> Result<PathBuf, StageError> {
     if let Some(newest) = names.iter().filter_map(|n| Some((step(n)?, n))).max() {
         return Ok(dir.join(newest.1));
     }
-    let weights: Vec<&String> =
-        names.iter().filter(|n| n.ends_with(".pt") || n.ends_with(".pth") || n.ends_with(".safetensors")).collect();
+    let weights: Vec<&String> = names
+        .iter()
+        .filter(|n| n.ends_with(".pt") || n.ends_with(".pth") || n.ends_with(".safetensors"))
+        .collect();
     match weights.as_slice() {
         [one] => Ok(dir.join(one)),
         [] => Err(fail(
@@ -202,7 +210,10 @@ fn read_state_dict(path: &Path) -> Result<BTreeMap<String, Tensor>, StageError> 
     for (name, t) in tensors {
         let stripped = name.strip_prefix(COMPILED_PREFIX).unwrap_or(&name).to_string();
         if out.insert(stripped.clone(), t).is_some() {
-            return Err(fail(path, format!("tensor `{stripped}` appears both with and without `{COMPILED_PREFIX}`")));
+            return Err(fail(
+                path,
+                format!("tensor `{stripped}` appears both with and without `{COMPILED_PREFIX}`"),
+            ));
         }
     }
     Ok(out)
@@ -254,7 +265,10 @@ fn check_state_dict(
     if l != 2 {
         return Err(fail(
             path,
-            format!("`encoder.weight` has shape {:?}: {l} models, but a crosscoder here diffs exactly 2", w_enc.dims()),
+            format!(
+                "`encoder.weight` has shape {:?}: {l} models, but a crosscoder here diffs exactly 2",
+                w_enc.dims()
+            ),
         ));
     }
     for (name, t, want) in [
@@ -276,9 +290,17 @@ fn check_state_dict(
 
     let norm_id = match take("code_normalization_id") {
         Some(t) if is_int(t.dtype()) => scalar(path, "code_normalization_id", &t)? as i64,
-        Some(t) => return Err(fail(path, format!("`code_normalization_id` is {:?}, expected an integer", t.dtype()))),
+        Some(t) => {
+            return Err(fail(
+                path,
+                format!("`code_normalization_id` is {:?}, expected an integer", t.dtype()),
+            ));
+        }
         None => {
-            tracing::warn!("{}: no code_normalization_id (an older checkpoint): assuming CROSSCODER", path.display());
+            tracing::warn!(
+                "{}: no code_normalization_id (an older checkpoint): assuming CROSSCODER",
+                path.display()
+            );
             CROSSCODER_ID
         }
     };
@@ -290,7 +312,10 @@ fn check_state_dict(
         ));
     }
     if super::crosscoder::CodeNormalization::from_id(norm_id).is_none() {
-        return Err(fail(path, format!("code_normalization_id {norm_id} is not a known code normalization (1-4)")));
+        return Err(fail(
+            path,
+            format!("code_normalization_id {norm_id} is not a known code normalization (1-4)"),
+        ));
     }
 
     let trainer_in = source_config.as_ref().and_then(|c| c.get("trainer")).filter(|t| t.is_object()).cloned();
@@ -307,7 +332,8 @@ fn check_state_dict(
             // config.json has it (k_target once annealing is over).
             let from_config = trainer_in.as_ref().and_then(|t| {
                 let annealed = t.get("k_annealing_steps").and_then(Value::as_u64).unwrap_or(0) > 0;
-                let key = if annealed && t.get("k_target").is_some_and(Value::is_u64) { "k_target" } else { "k" };
+                let key =
+                    if annealed && t.get("k_target").is_some_and(Value::is_u64) { "k_target" } else { "k" };
                 t.get(key).and_then(Value::as_u64)
             });
             match from_config {
@@ -341,19 +367,17 @@ fn check_state_dict(
     if let Some(k) = k {
         tensors.insert("k".to_string(), tensor(Tensor::new(k as i64, cpu))?);
         tensors.insert("threshold".to_string(), tensor(Tensor::new(threshold.unwrap_or(-1.0), cpu))?);
-    } else if threshold.is_some() {
-        unreachable!("a threshold without k is resolved or refused above");
     }
     for name in NORMALIZATION_BUFFERS {
         if let Some(t) = take(name) {
-            let want: &[usize] = if name.starts_with("activation_m") || name == "activation_std" { &[2, d] } else { &[] };
+            let want: &[usize] =
+                if name.starts_with("activation_m") || name == "activation_std" { &[2, d] } else { &[] };
             if t.dims() != want && !(want.is_empty() && t.elem_count() == 1) {
                 return Err(fail(path, format!("`{name}` has shape {:?}, expected {want:?}", t.dims())));
             }
             tensors.insert(name.to_string(), t);
         }
     }
-    drop(take);
     if !raw.is_empty() {
         tracing::warn!(
             "{}: ignoring tensors that are not part of a crosscoder: {}",
@@ -421,7 +445,8 @@ mod tests {
 
     /// The BatchTopK reference run's final weights and threshold, in f32.
     fn reference() -> BTreeMap<String, Tensor> {
-        let all = candle_core::safetensors::load(fixtures().join("reference.safetensors"), &Device::Cpu).unwrap();
+        let all =
+            candle_core::safetensors::load(fixtures().join("reference.safetensors"), &Device::Cpu).unwrap();
         let mut out = BTreeMap::new();
         for name in ["encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias"] {
             let steps = &all[&format!("btk.after.{name}")];
@@ -429,7 +454,10 @@ mod tests {
             out.insert(name.to_string(), last.to_dtype(DType::F32).unwrap());
         }
         let thr = &all["btk.threshold"];
-        out.insert("threshold".into(), thr.get(thr.dim(0).unwrap() - 1).unwrap().to_dtype(DType::F32).unwrap());
+        out.insert(
+            "threshold".into(),
+            thr.get(thr.dim(0).unwrap() - 1).unwrap().to_dtype(DType::F32).unwrap(),
+        );
         out
     }
 
@@ -453,7 +481,10 @@ mod tests {
     }
 
     /// Writes `tensors` (names as given) as `<name>` in a temp dir and imports that file.
-    fn import_tensors(name: &str, tensors: &[(&str, Tensor)]) -> (tempfile::TempDir, Result<Imported, StageError>) {
+    fn import_tensors(
+        name: &str,
+        tensors: &[(&str, Tensor)],
+    ) -> (tempfile::TempDir, Result<Imported, StageError>) {
         let dir = tempfile::tempdir().unwrap();
         let map: HashMap<&str, Tensor> = tensors.iter().cloned().collect();
         candle_core::safetensors::save(&map, dir.path().join(name)).unwrap();
@@ -512,7 +543,10 @@ mod tests {
         let file = dir.path().join("model_final.pt");
         std::fs::copy(fixtures().join("dl-checkpoint/model_final.pt"), &file).unwrap();
         let msg = import_checkpoint(&file, None).unwrap_err().to_string();
-        assert!(msg.contains("model_final.pt") && msg.contains("`k`") && msg.contains("config.json"), "{msg}");
+        assert!(
+            msg.contains("model_final.pt") && msg.contains("`k`") && msg.contains("config.json"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -557,8 +591,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let map: HashMap<&str, Tensor> = l1_tensors(&[]).into_iter().collect();
         candle_core::safetensors::save(&map, dir.path().join("model.safetensors")).unwrap();
-        std::fs::write(dir.path().join("config.json"), r#"{"activation_dim": 3, "dict_size": 5, "num_layers": 2}"#)
-            .unwrap();
+        std::fs::write(
+            dir.path().join("config.json"),
+            r#"{"activation_dim": 3, "dict_size": 5, "num_layers": 2}"#,
+        )
+        .unwrap();
         let got = import_checkpoint(dir.path(), None).unwrap();
         assert_eq!(got.config["trainer"]["activation_dim"], 3);
         assert_eq!(got.config["pipe"]["source_config"]["dict_size"], 5);
@@ -568,7 +605,8 @@ mod tests {
     fn folder_without_model_final_takes_the_newest_step_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
         for step in [0, 2, 10] {
-            std::fs::copy(fixtures().join("batchtopk.pt"), dir.path().join(format!("checkpoint_{step}.pt"))).unwrap();
+            std::fs::copy(fixtures().join("batchtopk.pt"), dir.path().join(format!("checkpoint_{step}.pt")))
+                .unwrap();
         }
         let got = import_checkpoint(dir.path(), None).unwrap();
         assert_eq!(got.config["pipe"]["imported_from"], "checkpoint_10.pt");
@@ -595,7 +633,10 @@ mod tests {
     #[test]
     fn decoder_shape_disagrees_with_encoder() {
         let w = Tensor::zeros((2, 3, 5), DType::F64, &Device::Cpu).unwrap();
-        check_err(&[("decoder.weight", Some(w))], &["`decoder.weight` has shape [2, 3, 5]", "expected [2, 5, 3]"]);
+        check_err(
+            &[("decoder.weight", Some(w))],
+            &["`decoder.weight` has shape [2, 3, 5]", "expected [2, 5, 3]"],
+        );
     }
 
     #[test]

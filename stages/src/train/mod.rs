@@ -3,6 +3,8 @@
 
 pub mod adam;
 pub mod crosscoder;
+pub mod import;
 pub mod stage;
 
+pub use import::{CrosscoderImport, ImportParams};
 pub use stage::{LossKind, TrainEnv, TrainParams, TrainStage, load_crosscoder, load_normalizer, train};

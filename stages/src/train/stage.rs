@@ -101,6 +101,12 @@ pub struct TrainParams {
     pub validation_tokens_per_cache: u64,
     #[serde(default = "default_validation_batch")]
     pub validation_batch_size: usize,
+    /// Matmul precision: `f32` (exact f32, the default), `tf32` (CUDA: f32 matmuls on tensor
+    /// cores, as PyTorch's `set_float32_matmul_precision('high')`; the CPU has no TF32 and runs
+    /// f32), `bf16` (CUDA: encode and decode matmuls in bf16 with f32 weights and accumulation,
+    /// like autocast).
+    #[serde(default)]
+    pub precision: Precision,
     /// Which calls age the dead-latent counters: `training` (training steps only, the default)
     /// or `reference` (as dictionary_learning does: also its two logging forwards at every
     /// `log_every` step, top-k then threshold codes, and every validation batch).
@@ -115,6 +121,16 @@ pub struct TrainParams {
     /// Checkpoint every N steps. Not in the key.
     #[serde(default = "default_checkpoint_every")]
     pub checkpoint_every: u64,
+}
+
+/// See [`TrainParams::precision`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Tf32,
+    Bf16,
 }
 
 /// See [`TrainParams::dead_counting`].
@@ -855,6 +871,7 @@ pub fn load_crosscoder(dir: &Path, device: &Device) -> Result<(Crosscoder, Optio
         norm,
         d,
         f,
+        matmul_dtype: DType::F32,
     };
     let threshold = match get("threshold") {
         Ok(t) => {
