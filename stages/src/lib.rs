@@ -2,7 +2,9 @@
 //! The ML stages (scale, collect, plot) arrive with their issues.
 
 pub mod cache;
+pub mod collect;
 pub mod hf;
+pub mod latents;
 pub mod models;
 pub mod rng;
 pub mod text;

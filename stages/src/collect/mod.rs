@@ -1,0 +1,4 @@
+//! Per-latent statistics and activating examples on validation caches (DOMAIN.md §6): the
+//! sparse activations ([`csr`]).
+
+pub mod csr;
