@@ -108,11 +108,12 @@ impl LatentTable {
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| err(e.to_string()))?;
-        let schema = Type::group_type_builder("schema").with_fields(fields).build().map_err(|e| err(e.to_string()))?;
+        let schema =
+            Type::group_type_builder("schema").with_fields(fields).build().map_err(|e| err(e.to_string()))?;
         let props = WriterProperties::builder().set_compression(Compression::SNAPPY).build();
         let file = File::create(path).map_err(|e| err(e.to_string()))?;
-        let mut writer =
-            SerializedFileWriter::new(file, Arc::new(schema), Arc::new(props)).map_err(|e| err(e.to_string()))?;
+        let mut writer = SerializedFileWriter::new(file, Arc::new(schema), Arc::new(props))
+            .map_err(|e| err(e.to_string()))?;
         let mut rg = writer.next_row_group().map_err(|e| err(e.to_string()))?;
         for (_, column) in &self.columns {
             let mut col = rg.next_column().map_err(|e| err(e.to_string()))?.expect("one writer per column");
@@ -294,7 +295,10 @@ mod tests {
         t.write_csv(&csv).unwrap();
         let text = std::fs::read_to_string(&csv).unwrap();
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines[0], "latent,norm_base,norm_chat,delta_norm,dec_norm_diff,class,dec_cos_sim,beta,dead");
+        assert_eq!(
+            lines[0],
+            "latent,norm_base,norm_chat,delta_norm,dec_norm_diff,class,dec_cos_sim,beta,dead"
+        );
         assert!(lines[2].starts_with("1,1,0,0,1,Base only,") && lines[2].contains(",,true"), "{}", lines[2]);
     }
 }

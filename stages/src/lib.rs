@@ -7,6 +7,7 @@ pub mod hf;
 pub mod latents;
 pub mod models;
 pub mod rng;
+pub mod scale;
 pub mod text;
 pub mod train;
 
@@ -15,6 +16,10 @@ use engine::Registry;
 /// Every stage kind this build of `pipe` knows.
 pub fn registry() -> Registry {
     let mut r = Registry::new();
-    r.register(cache::CacheStage).register(train::TrainStage).register(train::import::CrosscoderImport);
+    r.register(cache::CacheStage)
+        .register(train::TrainStage)
+        .register(train::import::CrosscoderImport)
+        .register(scale::ScaleStage)
+        .register(collect::stage::CollectStage);
     r
 }

@@ -43,7 +43,7 @@ fn tiny_pipeline_runs_then_skips() {
     assert!(!acts.is_empty() && all(&acts, "skip"), "{acts:?}");
     let verify = env.json(&["verify"]);
     assert_eq!(verify["corrupt"], 0, "{verify}");
-    assert_eq!(verify["checked"], 3, "{verify}");
+    assert_eq!(verify["checked"].as_u64(), Some(acts.len() as u64), "{verify}");
     for stage in ["cache_web", "cache_chat"] {
         let cache = ActivationCache::open(&object_out(&env, file, stage)).unwrap();
         assert!(cache.len() > 1000, "{stage}: {} tokens", cache.len());

@@ -5,7 +5,9 @@ mod support;
 
 mod cache;
 mod cli;
+mod collect;
 mod failures;
+mod import;
 mod keys;
 mod resume;
 mod store;

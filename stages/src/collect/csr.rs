@@ -37,7 +37,13 @@ pub struct Csr {
 
 impl Csr {
     pub fn new(num_latents: usize) -> Csr {
-        Csr { num_latents, seq_offsets: vec![0], token_offsets: vec![0], dataset_seqs: vec![0], ..Csr::default() }
+        Csr {
+            num_latents,
+            seq_offsets: vec![0],
+            token_offsets: vec![0],
+            dataset_seqs: vec![0],
+            ..Csr::default()
+        }
     }
 
     pub fn num_sequences(&self) -> usize {
@@ -126,7 +132,8 @@ impl Csr {
             let v: Vec<i64> = get(name)?.to_vec1().map_err(|e| err(e.to_string()))?;
             Ok(v.into_iter().map(|x| x as u64).collect())
         };
-        let flat: Vec<u32> = get("ids")?.flatten_all().and_then(|t| t.to_vec1()).map_err(|e| err(e.to_string()))?;
+        let flat: Vec<u32> =
+            get("ids")?.flatten_all().and_then(|t| t.to_vec1()).map_err(|e| err(e.to_string()))?;
         let latent_offsets = u64s("latent_offsets")?;
         Ok(Csr {
             num_latents: latent_offsets.len().saturating_sub(1),

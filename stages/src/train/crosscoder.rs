@@ -157,6 +157,20 @@ impl Crosscoder {
     }
 }
 
+/// The codes analysis uses (DOMAIN.md §2, §5b): ReLU(pre) for an L1 crosscoder, and for a
+/// BatchTopK one (`threshold` given) the inference path post · (post·c > threshold). Unscaled:
+/// multiply by [`Crosscoder::code_weights`] for the original's `get_activations`.
+pub fn encode_inference(cc: &Crosscoder, threshold: Option<f32>, x: &Tensor) -> Result<Tensor> {
+    let post = cc.pre_relu(x)?;
+    match threshold {
+        Some(t) => {
+            let scaled = post.broadcast_mul(&cc.code_weights()?)?;
+            post * scaled.gt(t as f64)?.to_dtype(DType::F32)?
+        }
+        None => Ok(post),
+    }
+}
+
 /// mean over (b, l) of ‖e[b, l, :]‖₂ (not squared), the reconstruction term of both losses.
 pub fn recon_l2(x: &Tensor, x_hat: &Tensor) -> Result<Tensor> {
     (x - x_hat)?.sqr()?.sum(D::Minus1)?.sqrt()?.mean_all()
@@ -187,6 +201,29 @@ pub struct LossOut {
 /// exactly: a bisection over the bit patterns, which order non-negative f32 like their values.
 /// Device-agnostic (compare and count only), so it works where sorting wide rows does not.
 pub fn kth_largest(values: &Tensor, k: &[u64]) -> Result<Vec<f32>> {
+    if values.device().is_cpu() {
+        // Same answer, one selection per row instead of 32 counting passes.
+        let v: Vec<Vec<f32>> = values.to_vec2()?;
+        return Ok(v
+            .into_iter()
+            .zip(k)
+            .map(|(mut row, &k)| {
+                if k == 0 {
+                    f32::INFINITY
+                } else if k as usize > row.len() {
+                    0.0
+                } else {
+                    let at = k as usize - 1;
+                    *row.select_nth_unstable_by(at, |a, b| b.total_cmp(a)).1
+                }
+            })
+            .collect());
+    }
+    kth_largest_bisect(values, k)
+}
+
+/// [`kth_largest`] by bisection over bit patterns with compare-and-count passes (any device).
+fn kth_largest_bisect(values: &Tensor, k: &[u64]) -> Result<Vec<f32>> {
     let (rows, _) = values.dims2()?;
     let device = values.device();
     let mut lo = vec![0u32; rows]; // count(v >= 0) = N >= k
@@ -475,6 +512,17 @@ pub fn specific_latents(cc: &Crosscoder) -> Result<[u64; 2]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The device path (bisection over bit patterns) and the CPU path (selection) agree.
+    #[test]
+    fn bisection_equals_selection() {
+        let dev = Device::Cpu;
+        let vals: Vec<f32> =
+            (0..7 * 300).map(|i| ((i * 2654435761u64 as usize) % 1000) as f32 / 37.0).collect();
+        let v = Tensor::from_vec(vals, (7, 300), &dev).unwrap();
+        let k = [1u64, 2, 17, 150, 299, 300, 0];
+        assert_eq!(kth_largest(&v, &k).unwrap(), kth_largest_bisect(&v, &k).unwrap());
+    }
 
     #[test]
     fn kth_largest_is_exact_per_row_and_overall() {

@@ -337,7 +337,14 @@ fn check_state_dict(
                 t.get(key).and_then(Value::as_u64)
             });
             match from_config {
-                Some(k) => Some(k as f64),
+                Some(k) => {
+                    tracing::info!(
+                        "{}: `k` = {k} taken from config.json (the .pt stores it as int32, which its \
+                         reader skips)",
+                        path.display()
+                    );
+                    Some(k as f64)
+                }
                 None => {
                     return Err(fail(
                         path,

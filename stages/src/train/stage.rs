@@ -368,7 +368,7 @@ fn load_checkpoint(
     Ok(Some((meta.step + 1, meta.metrics_len)))
 }
 
-fn device_of(name: &str) -> Result<Device, StageError> {
+pub(crate) fn device_of(name: &str) -> Result<Device, StageError> {
     if name == "cpu" {
         return Ok(Device::Cpu);
     }
