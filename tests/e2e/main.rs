@@ -10,5 +10,6 @@ mod failures;
 mod import;
 mod keys;
 mod resume;
+mod scale;
 mod store;
 mod train;
