@@ -38,7 +38,7 @@ fn batchtopk_on_the_tiny_pipeline_learns_and_exports() {
     let out = env.out("p.toml", "train");
     let m = metrics(&out);
     let train: Vec<&serde_json::Value> = m.iter().filter(|r| r["split"] == "train").collect();
-    let val = m.iter().filter(|r| r["split"] == "val").last().unwrap();
+    let val = m.iter().rfind(|r| r["split"] == "val").unwrap();
     let first = train.first().unwrap()["l2"].as_f64().unwrap();
     let last = train.last().unwrap()["l2"].as_f64().unwrap();
     assert!(last < 0.5 * first, "the reconstruction loss falls: {first} -> {last}");

@@ -12,7 +12,8 @@
 //! Outputs: `activations.safetensors` ([`Csr`]: sequence s = document s − `dataset_seqs[k]` of
 //! input cache k, empty documents included as empty sequences), `stats.safetensors` (see
 //! [`Collected::write_stats`]), `latents.parquet` (and `latents.csv`) with the decoder columns of
-//! [`crate::latents::decoder_columns`] and the statistics.
+//! [`crate::latents::decoder_columns`] and the statistics, and `examples.db` (quantile activating
+//! examples, [`super::examples`]) unless `examples = 0`.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -25,6 +26,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::csr::Csr;
+use super::examples::{ExampleParams, PAPER_QUANTILES, check_quantiles, quantile_examples};
 use crate::cache::ActivationCache;
 use crate::latents::{Class, ClassThresholds, Column, DecoderStats, LatentTable, decoder_columns};
 use crate::text::{TextError, TextTokenizer};
@@ -57,6 +59,29 @@ pub struct CollectParams {
     /// nonzero activation).
     #[serde(default)]
     pub min_activation: f64,
+    /// Quantile activating examples kept per (latent, activation bucket) in `examples.db`, by
+    /// seeded reservoir sampling (DOMAIN.md §6c; 0: no `examples.db`).
+    #[serde(default = "default_examples")]
+    pub examples: usize,
+    /// Bucket boundaries of the examples, as fractions of each latent's max activation (strictly
+    /// increasing; the paper's by default).
+    #[serde(default = "default_quantiles")]
+    pub quantiles: Vec<f64>,
+    /// Seed of the examples' reservoir sampling.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+}
+
+fn default_examples() -> usize {
+    ExampleParams::default().n
+}
+
+fn default_quantiles() -> Vec<f64> {
+    PAPER_QUANTILES.to_vec()
+}
+
+fn default_seed() -> u64 {
+    ExampleParams::default().seed
 }
 
 fn default_batch_size() -> usize {
@@ -66,7 +91,8 @@ fn default_batch_size() -> usize {
 impl Stage for CollectStage {
     type Params = CollectParams;
     const KIND: &'static str = "collect";
-    const VERSION: u32 = 1;
+    // 2: `examples.db`.
+    const VERSION: u32 = 2;
     const DOC: &'static str = "Scaled latent activations of every validation token: per-latent statistics, \
         the sparse activations by document and by latent, and the latent table.";
     const UNKEYED: &'static [&'static str] = &["batch_size"];
@@ -105,6 +131,7 @@ impl Stage for CollectStage {
         if !(p.min_activation.is_finite() && p.min_activation >= 0.0) {
             return Err(ParamError::new(&["min_activation"], "must be a finite number ≥ 0"));
         }
+        check_quantiles(&p.quantiles).map_err(|m| ParamError::new(&["quantiles"], m))?;
         let c = &p.class;
         for (name, v) in [
             ("chat_only", c.chat_only),
@@ -197,7 +224,12 @@ fn run(p: &CollectParams, ctx: &mut StageContext) -> Result<(), StageError> {
     // Columns are named by position (`ds0`, `ds1`, … in the order of `activations`), never by
     // stage name: names are not in the key, so a reused object must not depend on them.
     let names: Vec<String> = (0..upstreams.len()).map(|k| format!("ds{k}")).collect();
-    let metrics = collected.write(ctx.out_dir(), &cc, &names, p)?;
+    let mut metrics = collected.write(ctx.out_dir(), &cc, &names, p)?;
+    if p.examples > 0 {
+        let tokenizer = examples_tokenizer(&caches);
+        let rows = collected.write_examples(ctx.out_dir(), tokenizer.as_ref(), p)?;
+        metrics.push(("examples".into(), rows.into()));
+    }
     for (name, value) in metrics {
         ctx.record_metric(&name, value);
     }
@@ -209,6 +241,25 @@ fn run(p: &CollectParams, ctx: &mut StageContext) -> Result<(), StageError> {
         t0.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// The tokenizer that encoded the caches (the first cache's, from its `cache.json`), to decode
+/// the examples' tokens; `None`, with a warning, when it cannot be loaded.
+fn examples_tokenizer(caches: &[ActivationCache]) -> Option<TextTokenizer> {
+    let dir = caches.first()?.meta().tokenizer.clone();
+    if caches.iter().any(|c| c.meta().tokenizer != dir) {
+        tracing::warn!("the caches record different tokenizers; examples.db decodes with `{}`", dir.display());
+    }
+    if dir.as_os_str().is_empty() || !dir.join("tokenizer.json").is_file() {
+        tracing::warn!(
+            "no tokenizer at `{}` (the caches' `tokenizer`): examples.db has no `token_strings`",
+            dir.display()
+        );
+        return None;
+    }
+    TextTokenizer::from_dir(&dir)
+        .inspect_err(|e| tracing::warn!("{e}: examples.db has no `token_strings`"))
+        .ok()
 }
 
 /// Tokens read from `cache` under `max_tokens_per_cache`.
@@ -360,6 +411,21 @@ impl Collected {
             table.push(&name, col).map_err(StageError::other)?;
         }
         Ok(table)
+    }
+
+    /// `examples.db`: the quantile activating examples of the CSR (indexed by latent, as
+    /// [`Collected::write`] leaves it), decoded with `tokenizer` if given; returns its number of
+    /// examples.
+    pub fn write_examples(
+        &self,
+        out: &Path,
+        tokenizer: Option<&TextTokenizer>,
+        p: &CollectParams,
+    ) -> Result<u64, StageError> {
+        let params = ExampleParams { n: p.examples, quantiles: p.quantiles.clone(), seed: p.seed };
+        let examples = quantile_examples(&self.csr, &self.max_activation(), &params);
+        examples.write_sqlite(&out.join("examples.db"), &self.csr, tokenizer).map_err(StageError::other)?;
+        Ok(examples.len() as u64)
     }
 
     /// Writes every output into `out` (indexing the CSR by latent first); returns the manifest

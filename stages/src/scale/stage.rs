@@ -253,8 +253,8 @@ fn latent_sets(dec: &DecoderStats, p: &ScaleParams) -> (Vec<bool>, Vec<bool>) {
             order.into_iter().take(n).for_each(|j| effective[j] = true);
         }
         None => {
-            for j in 0..f {
-                effective[j] = Class::of(dec.delta_norm[j], &p.classes) == Class::ChatOnly;
+            for (e, delta) in effective.iter_mut().zip(&dec.delta_norm) {
+                *e = Class::of(*delta, &p.classes) == Class::ChatOnly;
             }
         }
     }

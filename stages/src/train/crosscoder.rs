@@ -497,9 +497,10 @@ pub fn batch_stats(
 pub fn specific_latents(cc: &Crosscoder) -> Result<[u64; 2]> {
     let n: Vec<Vec<f32>> = cc.decoder_norms()?.to_vec2()?;
     let mut out = [0u64; 2];
-    for j in 0..cc.f {
+    for (nb, nc) in n[0].iter().zip(&n[1]) {
+        let pair = [*nb as f64, *nc as f64];
         for l in 0..2 {
-            let (nl, no) = (n[l][j] as f64, n[1 - l][j] as f64);
+            let (nl, no) = (pair[l], pair[1 - l]);
             let diff = 0.5 * ((2.0 * nl - (nl + no)) / nl.max(no) + 1.0);
             if diff > 0.9 {
                 out[l] += 1;
