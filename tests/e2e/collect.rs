@@ -150,3 +150,67 @@ fn collect_options_and_errors() {
     assert_eq!(o.status.code(), Some(2), "{e}");
     assert!(e.contains("batch_size") && e.contains("at least 1"), "{e}");
 }
+
+#[test]
+fn collect_writes_quantile_examples_that_decode() {
+    let env = Env::pipe();
+    env.write("p.toml", &tiny_toml());
+    env.ok(&["run", "p.toml", "--set", "stages.collect.examples=5"]);
+    let out = env.out_with("p.toml", "collect", &["--set", "stages.collect.examples=5"]);
+    let csr = Csr::read(&out.join("activations.safetensors")).unwrap();
+    let stats = candle_core::safetensors::load(out.join("stats.safetensors"), &Device::Cpu).unwrap();
+    let max = f32s(&stats, "max_activation");
+    let db = rusqlite::Connection::open(out.join("examples.db")).unwrap();
+    let tables: Vec<String> = db
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(tables, ["activation_details", "meta", "quantile_examples", "sequences", "token_strings"]);
+    let n: String = db.query_row("SELECT value FROM meta WHERE key = 'n'", [], |r| r.get(0)).unwrap();
+    assert_eq!(n, "5");
+
+    // The latent with the most top-bucket examples: at most 5, above 0.95 of its max, descending,
+    // and each decodes, token by token, to the text of its sequence.
+    let (j, count): (u32, i64) = db
+        .query_row(
+            "SELECT feature_idx, count(*) AS c FROM quantile_examples WHERE quantile_idx = 4 \
+             GROUP BY feature_idx ORDER BY c DESC, feature_idx LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert!((1..=5).contains(&count), "{count}");
+    let top: Vec<(f64, u32, Vec<u8>)> = db
+        .prepare(
+            "SELECT activation, sequence_idx, token_ids FROM quantile_examples JOIN sequences \
+             USING (sequence_idx) WHERE feature_idx = ?1 AND quantile_idx = 4 ORDER BY activation DESC",
+        )
+        .unwrap()
+        .query_map([j], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let tokenizer_dir =
+        ActivationCache::open(&env.out("p.toml", "cache_web")).unwrap().meta().tokenizer.clone();
+    let tokenizer = stages::text::TextTokenizer::from_dir(&tokenizer_dir).unwrap();
+    let mut lookup = db.prepare("SELECT text FROM token_strings WHERE token_id = ?1").unwrap();
+    for (activation, s, blob) in &top {
+        let m = *activation as f32;
+        assert!(m > 0.95 * max[j as usize] && m <= max[j as usize], "latent {j}: {m} vs {}", max[j as usize]);
+        let tokens: Vec<u32> =
+            blob.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as u32).collect();
+        assert_eq!(tokens, csr.sequence_tokens(*s as usize));
+        let text: String =
+            tokens.iter().map(|t| lookup.query_row([t], |r| r.get::<_, String>(0)).unwrap()).collect();
+        // Tokens holding part of a multi-byte character decode alone to U+FFFD.
+        let ascii = |t: &str| t.chars().filter(char::is_ascii).collect::<String>();
+        assert!(!text.is_empty());
+        assert_eq!(ascii(&text), ascii(&tokenizer.decode(&tokens).unwrap()), "sequence {s}");
+    }
+
+    let show = env.json(&["show", "p.toml", "collect", "--set", "stages.collect.examples=5"]).to_string();
+    assert!(show.contains("\"examples\""), "metric missing: {show}");
+}

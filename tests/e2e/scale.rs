@@ -28,7 +28,8 @@ fn tiny_pipeline_finds_its_planted_chat_specific_latents() {
     let out = env.out("p.toml", "scale");
     let rows = csv(&out.join("latents.csv"));
     assert_eq!(rows.len(), 256);
-    let chat_only: Vec<&HashMap<String, String>> = rows.iter().filter(|r| r["class"] == "Chat only").collect();
+    let chat_only: Vec<&HashMap<String, String>> =
+        rows.iter().filter(|r| r["class"] == "Chat only").collect();
     assert!(!chat_only.is_empty(), "the planted direction gives chat-only latents");
     for r in &chat_only {
         let nu_e: f64 = r["nu_error"].parse().unwrap();

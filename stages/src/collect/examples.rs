@@ -17,7 +17,8 @@
 //!   not its index among distinct sequences, and `sequences` holds only the sequences an example
 //!   refers to.
 //! - Two more tables: `token_strings` (every token id of the stored sequences, decoded alone with
-//!   the caches' tokenizer, special tokens kept) and `meta` (`quantiles`, `n`, `seed`).
+//!   the caches' tokenizer, special tokens kept; a token holding part of a multi-byte character
+//!   decodes alone to U+FFFD) and `meta` (`quantiles`, `n`, `seed`).
 
 use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
@@ -32,7 +33,8 @@ use crate::text::{TextError, TextTokenizer};
 /// The paper's buckets: fractions of a latent's max activation.
 pub const PAPER_QUANTILES: [f64; 5] = [0.25, 0.5, 0.75, 0.95, 1.0];
 
-/// The original's tables, with its keys, plus ours (`token_strings`, `meta`).
+/// The original's tables, with its keys, plus `meta`; `token_strings` when there is a tokenizer.
+const TOKEN_STRINGS: &str = "CREATE TABLE token_strings (token_id INTEGER PRIMARY KEY, text TEXT)";
 const SCHEMA: &str = "
 CREATE TABLE sequences (
     sequence_idx INTEGER PRIMARY KEY,
@@ -54,10 +56,6 @@ CREATE TABLE activation_details (
     PRIMARY KEY (feature_idx, sequence_idx),
     FOREIGN KEY (sequence_idx) REFERENCES sequences(sequence_idx),
     FOREIGN KEY (feature_idx, sequence_idx) REFERENCES quantile_examples(feature_idx, sequence_idx)
-);
-CREATE TABLE token_strings (
-    token_id INTEGER PRIMARY KEY,
-    text TEXT
 );
 CREATE TABLE meta (
     key TEXT PRIMARY KEY,
@@ -282,7 +280,12 @@ impl Examples {
         std::fs::rename(&tmp, path).map_err(io(path))
     }
 
-    fn write_db(&self, path: &Path, csr: &Csr, tokenizer: Option<&TextTokenizer>) -> Result<(), ExamplesError> {
+    fn write_db(
+        &self,
+        path: &Path,
+        csr: &Csr,
+        tokenizer: Option<&TextTokenizer>,
+    ) -> Result<(), ExamplesError> {
         let sql = |source| ExamplesError::Sqlite { path: path.to_owned(), source };
         let mut conn = Connection::open(path).map_err(sql)?;
         let tx = conn.transaction().map_err(sql)?;
@@ -294,11 +297,13 @@ impl Examples {
                 let tokens = i32_blob(csr.sequence_tokens(s as usize).iter().map(|t| *t as i32));
                 insert.execute(params![s, tokens]).map_err(sql)?;
             }
-            let mut insert = tx.prepare("INSERT INTO quantile_examples VALUES (?1, ?2, ?3, ?4)").map_err(sql)?;
+            let mut insert =
+                tx.prepare("INSERT INTO quantile_examples VALUES (?1, ?2, ?3, ?4)").map_err(sql)?;
             for (j, b, e) in self.rows() {
                 insert.execute(params![j as i64, b as i64, e.activation as f64, e.sequence]).map_err(sql)?;
             }
-            let mut insert = tx.prepare("INSERT INTO activation_details VALUES (?1, ?2, ?3, ?4)").map_err(sql)?;
+            let mut insert =
+                tx.prepare("INSERT INTO activation_details VALUES (?1, ?2, ?3, ?4)").map_err(sql)?;
             for (j, _, e) in self.rows() {
                 let (positions, values) = activation_details(csr, j, e.sequence);
                 // The original stores float32 values as their bits, viewed as int32.
@@ -309,6 +314,7 @@ impl Examples {
             if let Some(tok) = tokenizer {
                 let ids: BTreeSet<u32> =
                     sequences.iter().flat_map(|s| csr.sequence_tokens(*s as usize)).copied().collect();
+                tx.execute_batch(TOKEN_STRINGS).map_err(sql)?;
                 let mut insert = tx.prepare("INSERT INTO token_strings VALUES (?1, ?2)").map_err(sql)?;
                 for id in ids {
                     insert.execute(params![id, tok.decode(&[id])?]).map_err(sql)?;
@@ -421,6 +427,13 @@ mod tests {
         assert!(a.get(0, 4).windows(2).all(|w| w[0].activation >= w[1].activation));
         assert!(a.get(0, 4).iter().all(|e| e.activation == ms[e.sequence as usize]));
         assert_eq!(a, quantile_examples(&csr, &[1.0], &p));
+        let csr6 = random_csr(100, 6, 3);
+        let one_thread = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        assert_eq!(
+            one_thread.install(|| quantile_examples(&csr6, &max_act(&csr6), &p)),
+            quantile_examples(&csr6, &max_act(&csr6), &p),
+            "the examples depend on the thread count"
+        );
         let b = quantile_examples(&csr, &[1.0], &ExampleParams { seed: 43, ..p.clone() });
         assert_ne!(a.get(0, 4), b.get(0, 4));
         // Late sequences get in (it is a reservoir, not the first n).
@@ -463,6 +476,9 @@ mod tests {
         b.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
     }
 
+    /// (feature, quantile, activation, sequence, token_ids, positions, activation_values).
+    type Row = (i64, i64, f64, u32, Vec<u8>, Vec<u8>, Vec<u8>);
+
     #[test]
     fn db_agrees_with_the_csr() {
         let csr = random_csr(300, 6, 5);
@@ -495,14 +511,17 @@ mod tests {
                  ORDER BY q.rowid",
             )
             .unwrap();
-        let rows: Vec<(usize, usize, f64, u32, Vec<u8>, Vec<u8>, Vec<u8>)> = rows
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)))
+        let rows: Vec<Row> = rows
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
+            })
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();
         assert_eq!(rows.len(), examples.len());
         let mut seen_pairs = HashSet::new();
         for (j, b, activation, s, tokens, positions, values) in &rows {
+            let (j, b) = (&(*j as usize), &(*b as usize));
             assert!(seen_pairs.insert((*j, *s)));
             let want: Vec<i32> = csr.sequence_tokens(*s as usize).iter().map(|t| *t as i32).collect();
             assert_eq!(blob_i32(tokens), want);
@@ -510,7 +529,7 @@ mod tests {
             let entries: Vec<(u32, f32)> = csr
                 .sequence_entries(*s as usize)
                 .filter(|e| csr.ids[*e][2] as usize == *j)
-                .map(|e| (csr.ids[*e][1], csr.values[*e]))
+                .map(|e| (csr.ids[e][1], csr.values[e]))
                 .collect();
             let m = entries.iter().map(|e| e.1).fold(0f32, f32::max);
             assert_eq!(*activation, m as f64, "latent {j} sequence {s}");

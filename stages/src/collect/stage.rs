@@ -94,7 +94,7 @@ impl Stage for CollectStage {
     // 2: `examples.db`.
     const VERSION: u32 = 2;
     const DOC: &'static str = "Scaled latent activations of every validation token: per-latent statistics, \
-        the sparse activations by document and by latent, and the latent table.";
+        the sparse activations by document and by latent, the latent table and quantile activating examples.";
     const UNKEYED: &'static [&'static str] = &["batch_size"];
 
     fn inputs(&self) -> Vec<InputSpec> {
@@ -248,7 +248,10 @@ fn run(p: &CollectParams, ctx: &mut StageContext) -> Result<(), StageError> {
 fn examples_tokenizer(caches: &[ActivationCache]) -> Option<TextTokenizer> {
     let dir = caches.first()?.meta().tokenizer.clone();
     if caches.iter().any(|c| c.meta().tokenizer != dir) {
-        tracing::warn!("the caches record different tokenizers; examples.db decodes with `{}`", dir.display());
+        tracing::warn!(
+            "the caches record different tokenizers; examples.db decodes with `{}`",
+            dir.display()
+        );
     }
     if dir.as_os_str().is_empty() || !dir.join("tokenizer.json").is_file() {
         tracing::warn!(
@@ -841,6 +844,7 @@ mod tests {
         assert!(s.check(&CollectParams { batch_size: 0, ..params() }).is_err());
         assert!(s.check(&CollectParams { min_activation: -1.0, ..params() }).is_err());
         assert!(s.check(&CollectParams { max_tokens_per_cache: Some(0), ..params() }).is_err());
+        assert!(s.check(&CollectParams { quantiles: vec![0.5, 0.25], ..params() }).is_err());
         assert!(serde_json::from_str::<CollectParams>(r#"{"bogus": 1}"#).is_err());
         let p: CollectParams = serde_json::from_str(r#"{"class": {"chat_only": 0.8}}"#).unwrap();
         assert_eq!((p.class.chat_only, p.class.base_only, p.batch_size), (0.8, 0.1, 4096));

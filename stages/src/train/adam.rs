@@ -36,11 +36,14 @@ impl Adam {
         let bc1 = 1.0 - self.beta1.powi(self.t as i32);
         let bc2 = 1.0 - self.beta2.powi(self.t as i32);
         for (i, (p, g)) in params.iter().zip(grads).enumerate() {
-            let m = ((&self.m[i] * self.beta1)? + (g * (1.0 - self.beta1))?)?;
-            let v = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
+            // Gradients of graphs through decoder norms carry an op history; moments that kept
+            // it would chain every step's graph to the next (memory growing without bound).
+            let g = g.detach();
+            let m = ((&self.m[i] * self.beta1)? + (&g * (1.0 - self.beta1))?)?.detach();
+            let v = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?.detach();
             let denom = ((v.sqrt()? / bc2.sqrt())? + self.eps)?;
             let update = ((&m / &denom)? * (lr / bc1))?;
-            p.set(&(p.as_tensor() - update)?)?;
+            p.set(&(p.as_tensor().detach() - update)?.detach())?;
             self.m[i] = m;
             self.v[i] = v;
         }
@@ -84,6 +87,23 @@ mod tests {
         adam.step(&[&p], &[g], 0.0).unwrap();
         assert_eq!(p.as_tensor().to_vec1::<f32>().unwrap(), got);
         assert_eq!(adam.t, 2);
+    }
+
+    /// Moments never hold an autograd history, whatever the gradient carries (an L1 loss's
+    /// gradients go through decoder norms and keep one): otherwise each step's graph stays
+    /// alive through the next step's moments, and memory grows without bound.
+    #[test]
+    fn moments_hold_no_graph() {
+        let p = Var::new(&[1.0f32, -2.0], &Device::Cpu).unwrap();
+        let w = Var::new(&[0.5f32, 0.25], &Device::Cpu).unwrap();
+        let mut adam = Adam::new(&[&p]).unwrap();
+        for _ in 0..3 {
+            // A gradient that is itself a function of a variable.
+            let g = (w.as_tensor() * 2.0).unwrap();
+            assert!(g.track_op());
+            adam.step(&[&p], &[g], 0.1).unwrap();
+            assert!(!adam.m[0].track_op() && !adam.v[0].track_op());
+        }
     }
 
     #[test]
