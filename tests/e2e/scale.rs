@@ -39,6 +39,7 @@ fn tiny_pipeline_finds_its_planted_chat_specific_latents() {
         // They fire on chat-template tokens: the joined collect statistics say so.
         let share: f64 = r["template_share"].parse().unwrap();
         assert!(share > 0.9, "{r:?}");
+        assert_eq!(r["dead"], "false");
     }
     // Shared latents are reconstructed by both models alike.
     let shared: Vec<f64> = rows

@@ -274,6 +274,14 @@ fn join_statistics(table: &mut LatentTable, path: &Path, f: usize) -> Result<(),
         .map_err(|e| StageError::failed(format!("{}: {e}", path.display())))?;
     let mut names: Vec<&String> = tensors.keys().collect();
     names.sort();
+    if let Some(max) = tensors.get("max_activation") {
+        let v: Vec<f32> = max.to_dtype(DType::F32).and_then(|t| t.to_vec1()).map_err(candle)?;
+        if v.len() == f {
+            table
+                .push("dead", Column::Bool(v.iter().map(|m| *m <= 0.0).collect()))
+                .map_err(StageError::other)?;
+        }
+    }
     for name in names {
         let t = &tensors[name];
         if t.dims() == [f] {
