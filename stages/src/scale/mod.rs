@@ -4,9 +4,9 @@
 //! ratios ν_ε = β(base error) / β(chat error) and ν_r = β(base reconstruction) / β(chat
 //! reconstruction); the effective chat-only set and its matched shared baseline.
 //!
-//! [`Accumulators`] holds per-latent sums only (O(F), whatever the number of tokens): with
-//! P = Y Dᵀ (n, F), d_j · Σ_i f_ij y_i = Σ_i f_ij P_ij, and the targets share two products per
-//! model, X Dᵀ and X̂ Dᵀ:
+//! [`Accumulators`] holds per-latent sums only (O(F), whatever the number of tokens):
+//! d_j · Σ_i f_ij y_i is the row-wise dot product of fᵀY (F, d) with the chat decoder D, computed
+//! per batch, and the targets share two products per model, fᵀX and fᵀX̂:
 //! - activation: B = Σ f ∘ (X Dᵀ);
 //! - reconstruction: B = Σ f ∘ (X̂ Dᵀ);
 //! - error with latent j's own contribution added back, y = x − (x̂ − f_j d_j^l):
@@ -59,22 +59,26 @@ impl Accumulators {
     pub fn update(&mut self, cc: &Crosscoder, threshold: Option<f32>, x: &Tensor) -> Result<()> {
         let f = encode_inference(cc, threshold, x)?;
         let x_hat = cc.decode(&f)?;
-        // D = chat decoder vectors (F, d); products (n, F).
+        let n = x.dim(0)?;
+        // Everything as matrix products (multi-threaded, no (n, F) temporaries beyond f):
+        // column sums are 1ᵀ f; d_j · Σ_i f_ij y_i is the row-wise dot of fᵀY (F, d) with D.
         let dec_chat = cc.w_dec.as_tensor().get(1)?;
+        let ft = f.t()?;
+        let ones = Tensor::ones((1, n), DType::F32, f.device())?;
         let add = |acc: &mut Vec<f64>, t: Tensor| -> Result<()> {
-            let v: Vec<f32> = t.to_dtype(DType::F32)?.to_vec1()?;
+            let v: Vec<f32> = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
             acc.iter_mut().zip(v).for_each(|(a, b)| *a += b as f64);
             Ok(())
         };
-        add(&mut self.sum_f, f.sum(0)?)?;
-        add(&mut self.sum_f2, f.sqr()?.sum(0)?)?;
-        let active: Vec<u32> = f.ne(0.0)?.to_dtype(DType::U32)?.sum(0)?.to_vec1()?;
+        add(&mut self.sum_f, ones.matmul(&f)?)?;
+        add(&mut self.sum_f2, ones.matmul(&f.sqr()?)?)?;
+        let active: Vec<f32> = ones.matmul(&f.ne(0.0)?.to_dtype(DType::F32)?)?.flatten_all()?.to_vec1()?;
         self.count_active.iter_mut().zip(active).for_each(|(a, b)| *a += b as u64);
         for l in 0..2 {
             let xl = x.narrow(1, l, 1)?.squeeze(1)?.contiguous()?;
             let xhl = x_hat.narrow(1, l, 1)?.squeeze(1)?.contiguous()?;
-            add(&mut self.act[l], (&f * xl.matmul(&dec_chat.t()?)?)?.sum(0)?)?;
-            add(&mut self.rec[l], (&f * xhl.matmul(&dec_chat.t()?)?)?.sum(0)?)?;
+            add(&mut self.act[l], (ft.matmul(&xl)? * &dec_chat)?.sum(1)?)?;
+            add(&mut self.rec[l], (ft.matmul(&xhl)? * &dec_chat)?.sum(1)?)?;
         }
         self.tokens += x.dim(0)? as u64;
         Ok(())
