@@ -3,6 +3,7 @@
 
 pub mod cache;
 pub mod collect;
+pub mod device;
 pub mod hf;
 pub mod latents;
 pub mod models;

@@ -276,23 +276,9 @@ struct Window {
     last: bool,
 }
 
-fn candle_device(name: &str) -> Result<Device, StageError> {
-    if name == "cpu" {
-        return Ok(Device::Cpu);
-    }
-    if let Some(n) = name.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
-        return Device::new_cuda(n).map_err(|e| {
-            StageError::failed(format!(
-                "cannot use {name}: {e} (a CUDA build is `cargo build --release --features cuda`)"
-            ))
-        });
-    }
-    Err(StageError::failed(format!("the cache stage runs on `cpu` or `cuda:N`, not `{name}`")))
-}
-
 fn run(p: &CacheParams, ctx: &mut StageContext) -> Result<(), StageError> {
     let t0 = Instant::now();
-    let device = candle_device(ctx.device())?;
+    let device = crate::device::candle_device(ctx.device())?;
     let dtype = match (p.dtype, device.is_cpu()) {
         (ComputeDtype::Auto, true) | (ComputeDtype::F32, _) => DType::F32,
         (ComputeDtype::Auto, false) | (ComputeDtype::Bf16, _) => DType::BF16,

@@ -31,7 +31,6 @@ use crate::cache::ActivationCache;
 use crate::latents::{Class, ClassThresholds, Column, DecoderStats, LatentTable, decoder_columns};
 use crate::text::{TextError, TextTokenizer};
 use crate::train::crosscoder::{BatchTopK, Crosscoder, Normalizer};
-use crate::train::stage::device_of;
 use crate::train::{load_crosscoder, load_normalizer};
 
 pub struct CollectStage;
@@ -160,7 +159,7 @@ fn candle(e: candle_core::Error) -> StageError {
 
 fn run(p: &CollectParams, ctx: &mut StageContext) -> Result<(), StageError> {
     let t0 = Instant::now();
-    let device = device_of(ctx.device())?;
+    let device = crate::device::candle_device(ctx.device())?;
     let cc_dir = ctx.input("crosscoder")?.dir.clone();
     let (cc, threshold) = load_crosscoder(&cc_dir, &device)?;
     let normalizer = load_normalizer(&cc_dir)?;

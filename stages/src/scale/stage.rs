@@ -118,20 +118,8 @@ fn candle(e: candle_core::Error) -> StageError {
     StageError::failed(format!("tensor operation failed: {e}"))
 }
 
-fn device_of(name: &str) -> Result<Device, StageError> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        _ => match name.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
-            Some(n) => Device::new_cuda(n).map_err(|e| StageError::failed(format!("cannot use {name}: {e}"))),
-            None => {
-                Err(StageError::failed(format!("the scale stage runs on `cpu` or `cuda:N`, not `{name}`")))
-            }
-        },
-    }
-}
-
 fn run(p: &ScaleParams, ctx: &mut StageContext) -> Result<(), StageError> {
-    let device = device_of(ctx.device())?;
+    let device = crate::device::candle_device(ctx.device())?;
     let cc_dir = ctx.input("crosscoder")?.dir.clone();
     let (cc, threshold) = load_crosscoder(&cc_dir, &device)?;
     let normalizer = load_normalizer(&cc_dir)?;

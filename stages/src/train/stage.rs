@@ -368,20 +368,6 @@ fn load_checkpoint(
     Ok(Some((meta.step + 1, meta.metrics_len)))
 }
 
-pub(crate) fn device_of(name: &str) -> Result<Device, StageError> {
-    if name == "cpu" {
-        return Ok(Device::Cpu);
-    }
-    if let Some(n) = name.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
-        return Device::new_cuda(n).map_err(|e| {
-            StageError::failed(format!(
-                "cannot use {name}: {e} (a CUDA build is `cargo build --release --features cuda`)"
-            ))
-        });
-    }
-    Err(StageError::failed(format!("the train stage runs on `cpu` or `cuda:N`, not `{name}`")))
-}
-
 fn open_caches(ctx: &StageContext, role: &str) -> Result<Vec<ActivationCache>, StageError> {
     ctx.inputs(role)
         .iter()
@@ -413,7 +399,7 @@ struct Record<'a> {
 }
 
 fn run(p: &TrainParams, ctx: &mut StageContext) -> Result<(), StageError> {
-    let device = device_of(ctx.device())?;
+    let device = crate::device::candle_device(ctx.device())?;
     let train_caches = open_caches(ctx, "activations")?;
     let valid_caches = open_caches(ctx, "validation")?;
     let cancel_flag = ctx.cancel_flag();
