@@ -8,61 +8,28 @@
 use std::path::Path;
 use std::time::Instant;
 
-use stages::cache::format::{CacheMeta, DatasetInfo, FORMAT, ShardInfo, ShardWriter, StoreDtype};
+use stages::cache::format::{CacheBuilder, StoreDtype};
 use stages::cache::{ActivationCache, LocalShuffle, PairedDataset};
 
 fn write_cache(dir: &Path, tokens: u64, d: usize, dtype: StoreDtype, shard_tokens: u64, seed: u32) {
-    std::fs::create_dir_all(dir.join("shards")).unwrap();
     let doc = 512u64;
-    let mut shards = Vec::new();
-    let mut written = 0u64;
+    let mut b = CacheBuilder::new(dir, d, dtype, shard_tokens).unwrap();
     let mut x = seed;
-    while written < tokens {
-        let n = shard_tokens.min(tokens - written);
-        let file = format!("shards/{:05}.safetensors", shards.len());
-        let mut w = ShardWriter::create(&dir.join(&file), d, dtype).unwrap();
-        let mut left = n;
-        while left > 0 {
-            let rows = doc.min(left) as usize;
-            let acts: Vec<f32> = (0..rows * 2 * d)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 17;
-                    x ^= x << 5;
-                    (x % 2000) as f32 / 1000.0 - 1.0
-                })
-                .collect();
-            w.append(&acts, &vec![7u32; rows], &[rows]).unwrap();
-            left -= rows as u64;
-        }
-        let (rows, docs) = w.finish().unwrap();
-        shards.push(ShardInfo { file, tokens: rows, first_doc: written / doc, docs });
-        written += n;
+    let mut left = tokens;
+    while left > 0 {
+        let rows = doc.min(left) as usize;
+        let acts: Vec<f32> = (0..rows * 2 * d)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                (x % 2000) as f32 / 1000.0 - 1.0
+            })
+            .collect();
+        b.push_doc(&acts, &vec![7u32; rows]).unwrap();
+        left -= rows as u64;
     }
-    let meta = CacheMeta {
-        format: FORMAT.into(),
-        d_model: d,
-        layer: 0,
-        dtype,
-        compute_dtype: dtype.to_string(),
-        tokens,
-        docs: shards.iter().map(|s| s.docs).sum(),
-        shards,
-        models: Vec::new(),
-        tokenizer: "synthetic".into(),
-        context_len: 1024,
-        ignore_first_n: 0,
-        base_token_map: Vec::new(),
-        bos_id: None,
-        dataset: DatasetInfo {
-            files: Vec::new(),
-            split: None,
-            column: "text".into(),
-            column_type: "text".into(),
-        },
-        stats: "stats.safetensors".into(),
-    };
-    std::fs::write(dir.join("cache.json"), serde_json::to_vec_pretty(&meta).unwrap()).unwrap();
+    b.finish("synthetic").unwrap();
 }
 
 fn main() {
