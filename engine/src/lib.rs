@@ -17,6 +17,6 @@ pub mod store;
 
 pub use key::{Canon, Key};
 pub use stage::{
-    Arity, Cancel, DeviceUse, InputSource, InputSpec, ParamError, Registry, Stage, StageContext, StageError,
+    Arity, Cancel, Compared, DeviceUse, InputSource, InputSpec, ParamError, Registry, Stage, StageContext, StageError,
     Upstream,
 };

@@ -174,6 +174,25 @@ pub trait Stage: Send + Sync + 'static {
     /// Produce the outputs in `ctx.out_dir()`. May keep checkpoints in `ctx.work_dir()`, which
     /// survives a failed or killed attempt and is handed back to the next attempt of the same key.
     fn run(&self, params: &Self::Params, ctx: &mut StageContext) -> Result<(), StageError>;
+    /// For `pipe diff`: write figures or tables that compare published outputs of this kind
+    /// across pipelines into `dest` (an existing, empty folder), and return the files written
+    /// (paths inside `dest`). `outputs` holds at least two (label, out folder) pairs, in the
+    /// order the pipelines were given. The default compares nothing.
+    fn compare(&self, _outputs: &[Compared], _dest: &Path) -> Result<Vec<PathBuf>, StageError> {
+        Ok(Vec::new())
+    }
+}
+
+/// One side of a [`Stage::compare`]: a published output folder and the label to show for it.
+#[derive(Clone, Debug)]
+pub struct Compared {
+    /// Which pipeline it comes from, as shown in legends (the pipeline's name, or its file's stem
+    /// when two names are equal).
+    pub label: String,
+    /// The stage's name in that pipeline.
+    pub stage: String,
+    /// The published `out/` folder; read-only.
+    pub dir: PathBuf,
 }
 
 /// A parameter that failed to deserialize or check, with the path inside the stage table.
@@ -342,6 +361,7 @@ pub trait DynStage: Send + Sync {
     /// Deserialize the parameter table, fill defaults, check, and canonicalise.
     fn canonical_params(&self, table: toml::Table) -> Result<Canon, ParamError>;
     fn run(&self, params: &Canon, ctx: &mut StageContext) -> Result<(), StageError>;
+    fn compare(&self, outputs: &[Compared], dest: &Path) -> Result<Vec<PathBuf>, StageError>;
 }
 
 struct Erased<S: Stage> {
@@ -413,6 +433,9 @@ impl<S: Stage> DynStage for Erased<S> {
         let params: S::Params = serde_json::from_value(params.to_json())
             .map_err(|e| StageError::failed(format!("stored parameters do not deserialize: {e}")))?;
         self.stage.run(&params, ctx)
+    }
+    fn compare(&self, outputs: &[Compared], dest: &Path) -> Result<Vec<PathBuf>, StageError> {
+        self.stage.compare(outputs, dest)
     }
 }
 
