@@ -36,7 +36,7 @@ pub const DEFAULT_DATASTORE: &str = "./datastore";
     long_about = "Runs the stages of a pipeline file (TOML) in dependency order. Every stage's output is \
 stored under its blake3 key in the datastore, so unchanged stages are skipped, interrupted stages resume, \
 and two pipelines can be compared stage by stage.",
-    after_help = "Examples:\n  pipe run pipelines/tiny.toml\n  pipe plan pipelines/llama8b.toml --set stages.train.k=64\n  pipe status pipelines/tiny.toml --json\n  pipe diff pipelines/l1.toml pipelines/batchtopk.toml\n  pipe gc --keep pipelines/tiny.toml --dry-run\n\nDatastore: --datastore > $DATASTORE > [pipeline] datastore > ./datastore"
+    after_help = "Examples:\n  pipe run pipelines/tiny.toml\n  pipe plan pipelines/llama8b.toml --set stages.train.k=64\n  pipe status pipelines/tiny.toml --json\n  pipe diff pipelines/l1.toml pipelines/batchtopk.toml\n  pipe report pipelines/tiny.toml\n  pipe gc --keep pipelines/tiny.toml --dry-run\n\nDatastore: --datastore > $DATASTORE > [pipeline] datastore > ./datastore"
 )]
 pub struct Cli {
     /// Datastore root (overrides $DATASTORE and the pipeline's `datastore`).
@@ -124,13 +124,34 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Compare two pipelines: parameter differences, shared keys, metric deltas.
-    #[command(after_help = "Example:\n  pipe diff l1.toml batchtopk.toml --json")]
+    /// Compare pipelines: parameter differences, shared keys, metrics, and figures from the stage kinds.
+    #[command(
+        after_help = "Examples:\n  pipe diff l1.toml batchtopk.toml\n  pipe diff sweep/k*.toml --json\n  pipe diff a.toml b.toml --out figs/ab\n\nFigures: every stage that at least two pipelines have run with different keys is compared by its\nstage kind into <folder>/<stage>/; the folder defaults to $DATASTORE/diffs/<label>--<label>[--…]."
+    )]
     Diff {
-        a: PathBuf,
-        b: PathBuf,
+        /// Two or more pipeline files.
+        #[arg(num_args = 2.., required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+        /// The figure folder (replaced whole on each diff); default $DATASTORE/diffs/<labels>.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// Write no figure folder.
+        #[arg(long, conflicts_with = "out")]
+        no_figures: bool,
+        /// JSON: {"pipelines","params","stages","metrics","figures"}
         #[arg(long)]
         json: bool,
+    },
+    /// Write one self-contained HTML page of a pipeline's latest results.
+    #[command(
+        after_help = "Examples:\n  pipe report pipelines/tiny.toml\n  pipe report exp.toml --set stages.train.k=64 -o exp-k64.html\n\nThe page embeds each stage's figures (those its figures.json lists, else every top-level PNG)\nand needs no network and no JavaScript."
+    )]
+    Report {
+        #[command(flatten)]
+        load: Load,
+        /// The HTML file to write; default $DATASTORE/reports/<pipeline>.html.
+        #[arg(short = 'o', long = "out", value_name = "OUT.html")]
+        out: Option<PathBuf>,
     },
     /// Remove objects and partials that no kept pipeline or recent run references, and old run records.
     #[command(after_help = "Example:\n  pipe gc --keep pipelines/llama8b.toml --keep-days 0 --dry-run")]
@@ -378,18 +399,53 @@ fn dispatch(cli: Cli, registry: &Registry, cancel: Cancel) -> Result<u8> {
             }
             Ok(0)
         }
-        Command::Diff { a, b, json } => {
-            let pa = engine::config::load(&a, &[], registry)?;
-            let pb = engine::config::load(&b, &[], registry)?;
-            let store = open_store(&ds, quiet, Some(&pa))?;
-            let la = plan_of(&pa, registry, &store, &[])?;
-            let lb = plan_of(&pb, registry, &store, &[])?;
-            let v = engine::report::diff_json((&pa, &la), (&pb, &lb));
+        Command::Diff { files, out, no_figures, json } => {
+            let pipes: Vec<Pipeline> =
+                files.iter().map(|f| engine::config::load(f, &[], registry)).collect::<Result<_, _>>()?;
+            let store = open_store(&ds, quiet, pipes.first())?;
+            let plans: Vec<_> =
+                pipes.iter().map(|p| plan_of(p, registry, &store, &[])).collect::<Result<_>>()?;
+            let labels = engine::diff::labels(&pipes.iter().collect::<Vec<_>>());
+            let sides: Vec<engine::diff::Side> = labels
+                .iter()
+                .zip(pipes.iter().zip(&plans))
+                .map(|(label, (pipeline, plan))| engine::diff::Side { label, pipeline, plan })
+                .collect();
+            let figures = if no_figures {
+                None
+            } else {
+                let folder = out.unwrap_or_else(|| {
+                    store.root().join("diffs").join(engine::diff::folder_name(&labels))
+                });
+                let about: Vec<String> = sides
+                    .iter()
+                    .map(|s| format!("{}\t{}", s.label, s.pipeline.file.display()))
+                    .collect();
+                let jobs = engine::diff::figure_jobs(&sides);
+                Some(engine::diff::write_figures(registry, &jobs, &folder, &about)?)
+            };
+            let v = engine::report::diff_json(&sides, figures.as_ref());
             if json {
+                for w in figures.iter().flat_map(|f| &f.warnings) {
+                    eprintln!("warning: comparing stage `{}` (kind `{}`) failed: {}", w.stage, w.kind, w.message);
+                }
                 print_json(&v);
             } else {
                 print!("{}", engine::report::diff_text(&v));
             }
+            Ok(0)
+        }
+        Command::Report { load: l, out } => {
+            let p = load(&l, registry)?;
+            let store = open_store(&ds, quiet, Some(&p))?;
+            let plan = plan_of(&p, registry, &store, &[])?;
+            let generated = engine::store::rfc3339(std::time::SystemTime::now());
+            let read = |path: &std::path::Path| std::fs::read(path).ok();
+            let html = engine::report_html::render(&p, &plan, store.root(), &generated, &read);
+            let out = out.unwrap_or_else(|| store.root().join("reports").join(format!("{}.html", p.name)));
+            engine::store::write_atomic(&out, html.as_bytes())
+                .with_context(|| format!("cannot write the report {}", out.display()))?;
+            println!("{}", out.display());
             Ok(0)
         }
         Command::Gc { keep, keep_days, dry_run, json } => {

@@ -3,6 +3,7 @@
 //! executor ([`exec`]). It knows stage kinds only through the [`stage`] API and contains no ML code.
 
 pub mod config;
+pub mod diff;
 pub mod exec;
 pub mod graph;
 pub mod hash;
@@ -11,6 +12,7 @@ pub mod logging;
 pub mod plan;
 pub mod progress;
 pub mod report;
+pub mod report_html;
 pub mod schema;
 pub mod stage;
 pub mod store;

@@ -56,6 +56,8 @@ impl Column {
 pub enum TableError {
     #[error("{}: {message}", path.display())]
     Write { path: PathBuf, message: String },
+    #[error("{}: {message}", path.display())]
+    Read { path: PathBuf, message: String },
     #[error("column `{name}` has {got} rows, the table {want}")]
     Length { name: String, got: usize, want: usize },
 }
@@ -134,6 +136,118 @@ impl LatentTable {
         Ok(())
     }
 
+    /// Reads a parquet latent table: the files this crate writes, and flat tables from pandas or
+    /// polars (double, float, integer, boolean and string columns; a null reads as NaN, 0, false
+    /// or ""). Other columns are skipped.
+    pub fn read_parquet(path: &Path) -> Result<LatentTable, TableError> {
+        use parquet::basic::Type as P;
+        use parquet::column::reader::get_typed_column_reader;
+        use parquet::data_type::{DataType, FloatType, Int32Type};
+        use parquet::file::reader::{FileReader, SerializedFileReader};
+
+        let err = |message: String| TableError::Read { path: path.to_owned(), message };
+        let file = File::open(path).map_err(|e| err(e.to_string()))?;
+        let reader = SerializedFileReader::new(file).map_err(|e| err(e.to_string()))?;
+        let schema = reader.metadata().file_metadata().schema_descr_ptr();
+        let mut table = LatentTable::default();
+        let mut columns: Vec<(String, Column)> = Vec::new();
+        let kept: Vec<(usize, P)> = (0..schema.num_columns())
+            .filter_map(|i| {
+                let c = schema.column(i);
+                let keep = c.max_rep_level() == 0
+                    && matches!(
+                        c.physical_type(),
+                        P::DOUBLE | P::FLOAT | P::INT64 | P::INT32 | P::BOOLEAN | P::BYTE_ARRAY
+                    );
+                keep.then(|| {
+                    let empty = match c.physical_type() {
+                        P::DOUBLE | P::FLOAT => Column::F64(Vec::new()),
+                        P::INT64 | P::INT32 => Column::I64(Vec::new()),
+                        P::BOOLEAN => Column::Bool(Vec::new()),
+                        _ => Column::Str(Vec::new()),
+                    };
+                    columns.push((c.name().to_string(), empty));
+                    (i, c.physical_type())
+                })
+            })
+            .collect();
+        // Reads one column chunk, filling nulls with `null`.
+        fn chunk<T: DataType>(
+            reader: parquet::column::reader::ColumnReader,
+            rows: usize,
+            max_def: i16,
+            null: T::T,
+        ) -> parquet::errors::Result<Vec<T::T>>
+        where
+            T::T: Clone,
+        {
+            let mut r = get_typed_column_reader::<T>(reader);
+            let (mut values, mut defs) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
+            let mut read = 0;
+            while read < rows {
+                let (n, _, _) = r.read_records(rows - read, Some(&mut defs), None, &mut values)?;
+                if n == 0 {
+                    break;
+                }
+                read += n;
+            }
+            if max_def == 0 {
+                return Ok(values);
+            }
+            let mut it = values.into_iter();
+            Ok(defs.iter().map(|d| if *d == max_def { it.next().unwrap_or(null.clone()) } else { null.clone() }).collect())
+        }
+        for g in 0..reader.num_row_groups() {
+            let rg = reader.get_row_group(g).map_err(|e| err(e.to_string()))?;
+            let rows = rg.metadata().num_rows() as usize;
+            for (slot, (i, physical)) in kept.iter().enumerate() {
+                let max_def = schema.column(*i).max_def_level();
+                let cr = rg.get_column_reader(*i).map_err(|e| err(e.to_string()))?;
+                let column_name = columns[slot].0.clone();
+                let e = |e: parquet::errors::ParquetError| err(format!("column `{column_name}`: {e}"));
+                match (&mut columns[slot].1, physical) {
+                    (Column::F64(v), P::DOUBLE) => v.extend(chunk::<DoubleType>(cr, rows, max_def, f64::NAN).map_err(e)?),
+                    (Column::F64(v), _) => v.extend(
+                        chunk::<FloatType>(cr, rows, max_def, f32::NAN).map_err(e)?.into_iter().map(f64::from),
+                    ),
+                    (Column::I64(v), P::INT64) => v.extend(chunk::<Int64Type>(cr, rows, max_def, 0).map_err(e)?),
+                    (Column::I64(v), _) => v.extend(
+                        chunk::<Int32Type>(cr, rows, max_def, 0).map_err(e)?.into_iter().map(i64::from),
+                    ),
+                    (Column::Bool(v), _) => v.extend(chunk::<BoolType>(cr, rows, max_def, false).map_err(e)?),
+                    (Column::Str(v), _) => v.extend(
+                        chunk::<ByteArrayType>(cr, rows, max_def, ByteArray::from(""))
+                            .map_err(e)?
+                            .into_iter()
+                            .map(|b| String::from_utf8_lossy(b.data()).into_owned()),
+                    ),
+                }
+            }
+        }
+        for (name, column) in columns {
+            table.push(&name, column)?;
+        }
+        Ok(table)
+    }
+
+    /// A float column (integers converted; booleans as 0/1), or `None` when there is none.
+    pub fn f64s(&self, name: &str) -> Option<Vec<f64>> {
+        Some(match self.get(name)? {
+            Column::F64(v) => v.clone(),
+            Column::I64(v) => v.iter().map(|x| *x as f64).collect(),
+            Column::Bool(v) => v.iter().map(|x| f64::from(u8::from(*x))).collect(),
+            Column::Str(_) => return None,
+        })
+    }
+
+    /// A boolean column, or `None` when there is none (or it is not boolean).
+    pub fn bools(&self, name: &str) -> Option<&[bool]> {
+        match self.get(name)? {
+            Column::Bool(v) => Some(v),
+            _ => None,
+        }
+    }
+
     /// Writes CSV with a header row; NaN is written as an empty field.
     pub fn write_csv(&self, path: &Path) -> Result<(), TableError> {
         let err = |e: std::io::Error| TableError::Write { path: path.to_owned(), message: e.to_string() };
@@ -187,6 +301,11 @@ impl Class {
         } else {
             Class::Other
         }
+    }
+
+    /// The class a table's `class` value names.
+    pub fn from_name(name: &str) -> Option<Class> {
+        [Class::ChatOnly, Class::BaseOnly, Class::Shared, Class::Other].into_iter().find(|c| c.name() == name)
     }
 
     /// The name used in the table (the original's `tag` values).
@@ -290,6 +409,22 @@ mod tests {
         assert_eq!(reader.metadata().file_metadata().num_rows(), 3);
         let rows: Vec<String> = reader.get_row_iter(None).unwrap().map(|r| r.unwrap().to_string()).collect();
         assert!(rows[0].contains("class: \"Chat only\"") && rows[1].contains("dead: true"), "{rows:?}");
+        let back = LatentTable::read_parquet(&pq).unwrap();
+        assert_eq!(back.columns.len(), t.columns.len());
+        for ((n, a), (m, b)) in t.columns.iter().zip(&back.columns) {
+            assert_eq!(n, m);
+            match (a, b) {
+                // NaN != NaN: compare bit patterns.
+                (Column::F64(x), Column::F64(y)) => {
+                    assert!(x.iter().zip(y).all(|(x, y)| x.to_bits() == y.to_bits()), "{n}")
+                }
+                _ => assert_eq!(a, b, "{n}"),
+            }
+        }
+        assert_eq!(back.f64s("dead"), Some(vec![0.0, 1.0, 0.0]));
+        assert!(back.bools("dead").is_some() && back.f64s("class").is_none());
+        let missing = LatentTable::read_parquet(&dir.path().join("nope.parquet")).unwrap_err();
+        assert!(missing.to_string().contains("nope.parquet"), "{missing}");
 
         let csv = dir.path().join("latents.csv");
         t.write_csv(&csv).unwrap();

@@ -1,5 +1,4 @@
 //! The stage kinds of `pipe`. Each kind lives in its own module and is registered in [`registry`].
-//! The ML stages (scale, collect, plot) arrive with their issues.
 
 pub mod cache;
 pub mod collect;
@@ -7,6 +6,7 @@ pub mod device;
 pub mod hf;
 pub mod latents;
 pub mod models;
+pub mod plot;
 pub mod rng;
 pub mod scale;
 pub mod text;
@@ -21,6 +21,7 @@ pub fn registry() -> Registry {
         .register(train::TrainStage)
         .register(train::import::CrosscoderImport)
         .register(scale::ScaleStage)
-        .register(collect::stage::CollectStage);
+        .register(collect::stage::CollectStage)
+        .register(plot::PlotStage);
     r
 }

@@ -6,6 +6,7 @@ mod support;
 mod cache;
 mod cli;
 mod collect;
+mod diff_report;
 mod failures;
 mod import;
 mod keys;

@@ -6,10 +6,10 @@
 
 use std::fs;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use engine::{Arity, DeviceUse, InputSpec, ParamError, Registry, Stage, StageContext, StageError};
+use engine::{Arity, Compared, DeviceUse, InputSpec, ParamError, Registry, Stage, StageContext, StageError};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -115,6 +115,58 @@ impl Stage for Emit {
         event(ctx, "emit", "done");
         Ok(())
     }
+
+    /// `sizes.tsv`: each label and the size of its `data.bin`; fails when one has none
+    /// (`files > 0`), so the tests see a failing comparison too.
+    fn compare(&self, outputs: &[Compared], dest: &Path) -> Result<Vec<PathBuf>, StageError> {
+        let mut tsv = String::from("label\tstage\tbytes\n");
+        for o in outputs {
+            let f = o.dir.join("data.bin");
+            let size = fs::metadata(&f).map_err(|e| StageError::io(format!("{}: {}", o.label, f.display()), e))?.len();
+            tsv.push_str(&format!("{}\t{}\t{size}\n", o.label, o.stage));
+        }
+        let out = dest.join("sizes.tsv");
+        fs::write(&out, tsv)?;
+        Ok(vec![out])
+    }
+}
+
+/// A 1×1 PNG (one orange pixel).
+const PIXEL_PNG: [u8; 69] = [
+    0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 0x00, 0x00, 0x00, 0x0d, 0x49, 0x48, 0x44, 0x52, 0x00, 0x00,
+    0x00, 0x01, 0x00, 0x00, 0x00, 0x01, 0x08, 0x02, 0x00, 0x00, 0x00, 0x90, 0x77, 0x53, 0xde, 0x00, 0x00, 0x00,
+    0x0c, 0x49, 0x44, 0x41, 0x54, 0x78, 0x9c, 0x63, 0xf8, 0xdf, 0xc0, 0x00, 0x00, 0x04, 0x01, 0x01, 0x80, 0xc5,
+    0x2a, 0x18, 0x5d, 0x00, 0x00, 0x00, 0x00, 0x49, 0x45, 0x4e, 0x44, 0xae, 0x42, 0x60, 0x82,
+];
+
+/// Writes `plot.png` and `unlisted.png`, and, when `title` is set, a `figures.json` that lists
+/// only `plot.png` (the figure convention of `pipe report`).
+struct Figure;
+
+#[derive(Serialize, Deserialize, JsonSchema, Default)]
+#[serde(deny_unknown_fields, default)]
+struct FigureParams {
+    title: String,
+    caption: String,
+}
+
+impl Stage for Figure {
+    type Params = FigureParams;
+    const KIND: &'static str = "figure";
+    const VERSION: u32 = 1;
+    const DOC: &'static str = "Test stage that writes PNG figures and figures.json.";
+
+    fn run(&self, p: &FigureParams, ctx: &mut StageContext) -> Result<(), StageError> {
+        fs::write(ctx.out_dir().join("plot.png"), PIXEL_PNG)?;
+        fs::write(ctx.out_dir().join("unlisted.png"), b"\x89PNG not listed")?;
+        if !p.title.is_empty() {
+            let index = serde_json::json!([{"file": "plot.png", "title": p.title, "caption": p.caption}]);
+            fs::write(ctx.out_dir().join("figures.json"), index.to_string())?;
+        }
+        ctx.record_metric("pixels", 1);
+        ctx.record_metric("ratio", 2.0 / 3.0);
+        Ok(())
+    }
 }
 
 /// Hashes its upstreams' `data.bin` files together; can be told to fail.
@@ -217,6 +269,6 @@ impl Stage for Escape {
 
 fn main() -> std::process::ExitCode {
     let mut r = Registry::new();
-    r.register(Emit).register(Combine).register(Accel).register(Escape);
+    r.register(Emit).register(Combine).register(Accel).register(Escape).register(Figure);
     pipe::main_with(r)
 }

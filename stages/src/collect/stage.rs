@@ -148,6 +148,15 @@ impl Stage for CollectStage {
         Ok(())
     }
 
+    /// `pipe diff`: see [`crate::plot::compare_latents`].
+    fn compare(
+        &self,
+        outputs: &[engine::Compared],
+        dest: &std::path::Path,
+    ) -> Result<Vec<std::path::PathBuf>, StageError> {
+        crate::plot::compare_latents(outputs, dest)
+    }
+
     fn run(&self, p: &CollectParams, ctx: &mut StageContext) -> Result<(), StageError> {
         run(p, ctx)
     }

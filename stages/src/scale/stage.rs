@@ -109,6 +109,15 @@ impl Stage for ScaleStage {
         Ok(())
     }
 
+    /// `pipe diff`: see [`crate::plot::compare_latents`].
+    fn compare(
+        &self,
+        outputs: &[engine::Compared],
+        dest: &std::path::Path,
+    ) -> Result<Vec<std::path::PathBuf>, StageError> {
+        crate::plot::compare_latents(outputs, dest)
+    }
+
     fn run(&self, p: &ScaleParams, ctx: &mut StageContext) -> Result<(), StageError> {
         run(p, ctx)
     }

@@ -257,6 +257,15 @@ impl Stage for TrainStage {
         Ok(())
     }
 
+    /// `pipe diff`: see [`crate::plot::compare_training`].
+    fn compare(
+        &self,
+        outputs: &[engine::Compared],
+        dest: &std::path::Path,
+    ) -> Result<Vec<std::path::PathBuf>, StageError> {
+        crate::plot::compare_training(outputs, dest)
+    }
+
     fn run(&self, p: &TrainParams, ctx: &mut StageContext) -> Result<(), StageError> {
         run(p, ctx)
     }
