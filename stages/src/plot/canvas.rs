@@ -187,16 +187,52 @@ pub fn pearson(x: &[f64], y: &[f64]) -> Option<f64> {
     (sxx > 0.0 && syy > 0.0).then(|| sxy / (sxx * syy).sqrt())
 }
 
-/// A round upper bound for an axis whose data reaches `max` (1, 2, 2.5, 5 × 10^k), with headroom.
+/// A round upper bound for an axis whose data reaches `max` (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8
+/// × 10^k), with headroom.
 pub fn nice_max(max: f64, headroom: f64) -> f64 {
     let target = (max * headroom).max(1e-12);
-    let mag = 10f64.powf(target.log10().floor());
-    for m in [1.0, 2.0, 2.5, 5.0, 10.0] {
-        if m * mag >= target {
-            return m * mag;
+    let exp = target.log10().floor() as i32;
+    // m / 10^k rather than m · 10^-k: 3 / 10 is the double nearest 0.3, 3 · 0.1 is not.
+    let scaled = |m: f64| if exp >= 0 { m * 10f64.powi(exp) } else { m / 10f64.powi(-exp) };
+    for m in [1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0] {
+        if scaled(m) >= target {
+            return scaled(m);
         }
     }
-    10.0 * mag
+    scaled(10.0)
+}
+
+/// A tick label: the shortest decimal that the tick rounds to at 6 significant digits ("0.1",
+/// "2.5", "1000"), scientific outside [1e-3, 1e6) ("1e-5", "2.5e6").
+pub fn fmt_tick(v: f64) -> String {
+    if !v.is_finite() {
+        return format!("{v}");
+    }
+    let a = v.abs();
+    if a < 1e-12 {
+        return "0".into();
+    }
+    if (1e-3..1e6).contains(&a) {
+        let digits = (5 - a.log10().floor() as i32).max(0) as usize;
+        let s = format!("{v:.digits$}");
+        let s = if s.contains('.') { s.trim_end_matches('0').trim_end_matches('.') } else { &s };
+        return s.to_string();
+    }
+    let s = format!("{v:.2e}");
+    let (mantissa, exp) = s.split_once('e').expect("scientific");
+    let mantissa = mantissa.trim_end_matches('0').trim_end_matches('.');
+    format!("{mantissa}e{exp}")
+}
+
+/// A title above everything in `area`, with room above it (plotters' own `titled` puts the
+/// glyphs' tops at the very edge).
+pub fn titled<'a, DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    title: &str,
+    font: TextStyle<'a>,
+) -> Result<DrawingArea<DB, Shift>, DrawingAreaErrorKind<DB::ErrorType>> {
+    let pad = (font.font.get_size() * 0.4).round() as u32;
+    area.margin(pad, 0, 0, 0).titled(title, font)
 }
 
 /// `title (label)`, or the title alone when the label is empty.
@@ -241,11 +277,16 @@ mod tests {
     #[test]
     fn nice_max_and_numbers() {
         assert_eq!(nice_max(87.0, 1.1), 100.0);
-        assert_eq!(nice_max(0.3, 1.0), 0.5);
+        assert_eq!(nice_max(0.3, 1.0), 0.3);
+        assert_eq!(nice_max(0.98, 1.15), 1.2);
+        assert_eq!(nice_max(62.0, 1.75), 120.0);
         assert_eq!(nice_max(1.8, 1.1), 2.0);
         assert_eq!(fmt_num(3.0), "3");
         assert_eq!(fmt_num(0.12345), "0.123");
         assert_eq!(fmt_num(12.345), "12.3");
         assert_eq!(fmt_num(0.000123), "1.23e-4");
+        for (v, s) in [(0.1, "0.1"), (0.30000000000000004, "0.3"), (1.0, "1"), (-0.8, "-0.8"), (4.5, "4.5"), (1000.0, "1000"), (0.001, "0.001"), (1e-5, "1e-5"), (2.5e6, "2.5e6"), (-1e-15, "0"), (123456.0, "123456")] {
+            assert_eq!(fmt_tick(v), s, "{v}");
+        }
     }
 }

@@ -32,7 +32,7 @@ pub struct Nu {
     pub chat_only: Vec<bool>,
     /// The shared baseline set.
     pub shared: Vec<bool>,
-    /// Chat-only with low ν^ε and ν^r.
+    /// Chat-only with low νᵋ and νʳ.
     pub chat_specific: Vec<bool>,
 }
 

@@ -3,7 +3,7 @@
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use super::canvas::{Figure, Sizes, e, edge, fmt_num, histogram, nice_max, palette, pearson, title_of};
+use super::canvas::{Figure, Sizes, e, edge, fmt_num, fmt_tick, histogram, nice_max, palette, pearson, title_of, titled};
 use super::data::{Latents, TrainLog};
 use crate::latents::{Class, ClassThresholds};
 
@@ -120,13 +120,14 @@ impl Figure for DeltaNorm<'_> {
             .y_label_area_size(s.px(110.0))
             .build_cartesian_2d(0f64..1f64, 0f64..ymax)
             .map_err(e)?;
-        mesh!(chart, s, "Δ_norm (relative norm of the chat decoder)", "Latents")
-            .x_labels(11)
-            .x_label_formatter(&|v| fmt_num(*v))
-            .y_label_formatter(&|v| fmt_num(*v))
+        // The paper's ticks: the class boundaries and the middle.
+        let ticks = [0.0, t.base_only, t.shared_low, 0.5, t.shared_high, t.chat_only, 1.0];
+        mesh!(chart, s, "Δₙₒᵣₘ (relative norm of the chat decoder)", "Latents")
+            .x_labels(21)
+            .x_label_formatter(&|v| if ticks.iter().any(|x| (x - v).abs() < 1e-9) { fmt_tick(*v) } else { String::new() })
+            .y_label_formatter(&|v| fmt_tick(*v))
             .draw()
             .map_err(e)?;
-        let n_alive = alive.len();
         for class in [Class::BaseOnly, Class::Shared, Class::ChatOnly, Class::Other] {
             let counts = band(class);
             let color = class_color(class);
@@ -156,7 +157,6 @@ impl Figure for DeltaNorm<'_> {
                 .map_err(e)?;
         }
         legend!(chart, s, SeriesLabelPosition::UpperLeft);
-        let _ = n_alive;
 
         // The inset: the chat-only band, 20 bins, over the upper right of the plotting area.
         let (xr, yr) = chart.plotting_area().get_pixel_range();
@@ -173,7 +173,7 @@ impl Figure for DeltaNorm<'_> {
         let zmax = nice_max(zoom.iter().cloned().fold(1.0, f64::max), 1.1);
         let small = Sizes { title: s.tick, label: s.tick, tick: s.tick * 0.85, legend: s.tick, line: s.line };
         let mut z = ChartBuilder::on(&inset)
-            .caption(format!("Chat-only band, Δ_norm ≥ {}", fmt_num(lo)), small.title_font())
+            .caption(format!("Chat-only band, Δₙₒᵣₘ ≥ {}", fmt_tick(lo)), small.title_font())
             .margin(s.px(8.0))
             .x_label_area_size(s.px(44.0))
             .y_label_area_size(s.px(64.0))
@@ -185,8 +185,8 @@ impl Figure for DeltaNorm<'_> {
             .label_style(small.tick_font())
             .x_labels(3)
             .y_labels(4)
-            .x_label_formatter(&|v| fmt_num(*v))
-            .y_label_formatter(&|v| fmt_num(*v))
+            .x_label_formatter(&|v| fmt_tick(*v))
+            .y_label_formatter(&|v| fmt_tick(*v))
             .draw()
             .map_err(e)?;
         z.draw_series(bars(&zoom, lo, 1.0, palette::CHAT_ONLY.filled())).map_err(e)?;
@@ -226,10 +226,10 @@ impl Figure for DeltaNormOverlay<'_> {
             .y_label_area_size(s.px(110.0))
             .build_cartesian_2d(0f64..1f64, 0f64..ymax)
             .map_err(e)?;
-        mesh!(chart, s, "Δ_norm (relative norm of the chat decoder)", "Latents")
+        mesh!(chart, s, "Δₙₒᵣₘ (relative norm of the chat decoder)", "Latents")
             .x_labels(11)
-            .x_label_formatter(&|v| fmt_num(*v))
-            .y_label_formatter(&|v| fmt_num(*v))
+            .x_label_formatter(&|v| fmt_tick(*v))
+            .y_label_formatter(&|v| fmt_tick(*v))
             .draw()
             .map_err(e)?;
         for x in [t.base_only, t.shared_low, t.shared_high, t.chat_only] {
@@ -262,7 +262,7 @@ impl Figure for DeltaNormOverlay<'_> {
 
 // ---------------------------------------------------------------------------------------------
 
-/// ν^ε against ν^r for the effective chat-only set and the shared baseline, both on (0, max),
+/// νᵋ against νʳ for the effective chat-only set and the shared baseline, both on (0, max),
 /// with marginal histograms of each axis.
 pub struct NuScatter<'a> {
     pub latents: &'a Latents,
@@ -291,7 +291,7 @@ impl Figure for NuScatter<'_> {
             ("Shared latents", pick(&nu.shared), palette::SHARED),
         ];
         let (w, h) = root.dim_in_pixel();
-        let area = root.titled(&title_of("Latent Scaling: ν^ε against ν^r", &self.latents.label), s.title_font()).map_err(e)?;
+        let area = titled(root, &title_of("Latent Scaling: νᵋ against νʳ", &self.latents.label), s.title_font()).map_err(e)?;
         let (top, bottom) = area.split_vertically((h as f64 * 0.22) as u32);
         let main_w = (w as f64 * 0.78) as u32;
         let (top_left, top_right) = top.split_horizontally(main_w);
@@ -308,9 +308,9 @@ impl Figure for NuScatter<'_> {
             .y_label_area_size(left)
             .build_cartesian_2d(0f64..max, 0f64..max)
             .map_err(e)?;
-        mesh!(chart, s, "ν^ε (error)", "ν^r (reconstruction)")
-            .x_label_formatter(&|v| fmt_num(*v))
-            .y_label_formatter(&|v| fmt_num(*v))
+        mesh!(chart, s, "νᵋ (error)", "νʳ (reconstruction)")
+            .x_label_formatter(&|v| fmt_tick(*v))
+            .y_label_formatter(&|v| fmt_tick(*v))
             .draw()
             .map_err(e)?;
         let radius = s.px(6.0) as i32;
@@ -337,13 +337,15 @@ impl Figure for NuScatter<'_> {
             .light_line_style(TRANSPARENT)
             .label_style(s.tick_font())
             .y_labels(3)
-            .y_label_formatter(&|v| fmt_num(*v))
+            .y_label_formatter(&|v| fmt_tick(*v))
             .disable_x_mesh()
             .draw()
             .map_err(e)?;
         let mut ty = ChartBuilder::on(&right)
             .margin(margin)
             .margin_left(0)
+            // Room for the half of the last tick label that lies beyond the axis.
+            .margin_right(s.px(44.0))
             .x_label_area_size(below)
             .y_label_area_size(0)
             .build_cartesian_2d(0f64..cmax, 0f64..max)
@@ -353,7 +355,7 @@ impl Figure for NuScatter<'_> {
             .light_line_style(TRANSPARENT)
             .label_style(s.tick_font())
             .x_labels(3)
-            .x_label_formatter(&|v| fmt_num(*v))
+            .x_label_formatter(&|v| fmt_tick(*v))
             .disable_y_mesh()
             .draw()
             .map_err(e)?;
@@ -373,7 +375,7 @@ impl Figure for NuScatter<'_> {
 
 // ---------------------------------------------------------------------------------------------
 
-/// Two side-by-side panels of ν^ε and ν^r histograms for two latent sets (chat-only against
+/// Two side-by-side panels of νᵋ and νʳ histograms for two latent sets (chat-only against
 /// shared, or all chat-only against those mostly active on template tokens).
 pub struct NuHistograms<'a> {
     pub title: String,
@@ -393,10 +395,10 @@ impl Figure for NuHistograms<'_> {
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<(), String> {
         let s = Sizes::for_height(self.size.1);
         let Some(nu) = &self.latents.nu else { return Err("the table has no ν columns".into()) };
-        let area = root.titled(&self.title, s.title_font()).map_err(e)?;
+        let area = titled(root, &self.title, s.title_font()).map_err(e)?;
         let panels = area.split_evenly((1, 2));
         let (lo, hi) = self.range;
-        for (panel, (values, name)) in panels.iter().zip([(&nu.error, "ν^ε (error)"), (&nu.reconstruction, "ν^r (reconstruction)")]) {
+        for (panel, (values, name)) in panels.iter().zip([(&nu.error, "νᵋ (error)"), (&nu.reconstruction, "νʳ (reconstruction)")]) {
             let hists: Vec<Vec<f64>> = self
                 .sets
                 .iter()
@@ -413,8 +415,8 @@ impl Figure for NuHistograms<'_> {
                 .map_err(e)?;
             mesh!(chart, s, name, "Latents")
                 .x_labels(7)
-                .x_label_formatter(&|v| fmt_num(*v))
-                .y_label_formatter(&|v| fmt_num(*v))
+                .x_label_formatter(&|v| fmt_tick(*v))
+                .y_label_formatter(&|v| fmt_tick(*v))
                 .draw()
                 .map_err(e)?;
             for (i, (set, member, color)) in self.sets.iter().enumerate() {
@@ -437,7 +439,7 @@ impl Figure for NuHistograms<'_> {
 
 // ---------------------------------------------------------------------------------------------
 
-/// Latents of the effective chat-only set with |ν^ε| < π and |ν^r| < π, against π; one line per
+/// Latents of the effective chat-only set with |νᵋ| < π and |νʳ| < π, against π; one line per
 /// crosscoder; log y.
 pub struct BelowThreshold<'a> {
     pub runs: Vec<&'a Latents>,
@@ -475,9 +477,9 @@ impl Figure for BelowThreshold<'_> {
             .y_label_area_size(s.px(110.0))
             .build_cartesian_2d(0f64..1f64, (0.8f64..ymax).log_scale())
             .map_err(e)?;
-        mesh!(chart, s, "π", "Latents with |ν^ε| < π and |ν^r| < π")
-            .x_label_formatter(&|v| fmt_num(*v))
-            .y_label_formatter(&|v| fmt_num(*v))
+        mesh!(chart, s, "π", "Latents with |νᵋ| < π and |νʳ| < π")
+            .x_label_formatter(&|v| fmt_tick(*v))
+            .y_label_formatter(&|v| fmt_tick(*v))
             .draw()
             .map_err(e)?;
         for (i, (l, c)) in self.runs.iter().zip(&curves).enumerate() {
@@ -557,8 +559,8 @@ impl Figure for DecoderCosine<'_> {
             .map_err(e)?;
         mesh!(chart, s, "cos(d_base, d_chat)", "Share of the class's latents")
             .x_labels(11)
-            .x_label_formatter(&|v| fmt_num(*v))
-            .y_label_formatter(&|v| fmt_num(*v))
+            .x_label_formatter(&|v| fmt_tick(*v))
+            .y_label_formatter(&|v| fmt_tick(*v))
             .draw()
             .map_err(e)?;
         let width = 2.0 / bins as f64;
@@ -587,7 +589,7 @@ impl Figure for DecoderCosine<'_> {
 
 // ---------------------------------------------------------------------------------------------
 
-/// Activation frequency (log x) against ν^ε and ν^r over the effective chat-only set, with
+/// Activation frequency (log x) against νᵋ and νʳ over the effective chat-only set, with
 /// Pearson's r (on the frequency itself, as the original prints it).
 pub struct FrequencyVsNu<'a> {
     pub latents: &'a Latents,
@@ -613,19 +615,18 @@ impl Figure for FrequencyVsNu<'_> {
         } else {
             (10f64.powf(fmin.log10().floor()), 10f64.powf((fmax.log10() + 1e-9).ceil()))
         };
-        let area = root
-            .titled(&title_of("Activation frequency against ν, chat-only latents", &l.label), s.title_font())
+        let area = titled(root, &title_of("Activation frequency against ν, chat-only latents", &l.label), s.title_font())
             .map_err(e)?;
         let panels = area.split_evenly((1, 2));
         for (panel, (values, name, sym)) in panels
             .iter()
-            .zip([(&nu.error, "ν^ε (error)", "ν^ε"), (&nu.reconstruction, "ν^r (reconstruction)", "ν^r")])
+            .zip([(&nu.error, "νᵋ (error)", "νᵋ"), (&nu.reconstruction, "νʳ (reconstruction)", "νʳ")])
         {
             let ys: Vec<f64> = set.iter().map(|j| values[*j]).collect();
             let finite: Vec<f64> = ys.iter().copied().filter(|y| y.is_finite()).collect();
             let ylo = finite.iter().cloned().fold(0.0, f64::min).max(-1.0);
             let yhi = finite.iter().cloned().fold(1.1, f64::max).min(2.0);
-            let r = pearson(&f, &ys).map_or("n/a".to_string(), |r| format!("{r:.2}"));
+            let r = pearson(&f, &ys).map_or("n/a".to_string(), |r| format!("{:.2}", if r.abs() < 0.005 { 0.0 } else { r }));
             let mut chart = ChartBuilder::on(panel)
                 .caption(format!("{sym}: Pearson r = {r} (n = {})", finite.len()), s.label_font())
                 .margin(s.px(20.0))
@@ -634,8 +635,8 @@ impl Figure for FrequencyVsNu<'_> {
                 .build_cartesian_2d((flo..fhi).log_scale(), ylo..yhi)
                 .map_err(e)?;
             mesh!(chart, s, "Activation frequency", name)
-                .x_label_formatter(&|v| fmt_num(*v))
-                .y_label_formatter(&|v| fmt_num(*v))
+                .x_label_formatter(&|v| fmt_tick(*v))
+                .y_label_formatter(&|v| fmt_tick(*v))
                 .draw()
                 .map_err(e)?;
             let style = palette::CHAT_ONLY.mix(if set.len() > 500 { 0.3 } else { 0.7 }).filled();
@@ -693,7 +694,7 @@ impl Figure for Training<'_> {
             [one] => title_of("Training", &one.label),
             _ => "Training".to_string(),
         };
-        let area = root.titled(&title, s.title_font()).map_err(e)?;
+        let area = titled(root, &title, s.title_font()).map_err(e)?;
         let cells = area.split_evenly((2, 2));
         let single = self.runs.len() == 1;
         for (idx, (cell, (metric, name))) in cells.iter().zip(&panels).enumerate() {
@@ -712,8 +713,8 @@ impl Figure for Training<'_> {
             mesh!(chart, s, "Step", "")
                 .x_labels(6)
                 .y_labels(6)
-                .x_label_formatter(&|v| fmt_num(*v))
-                .y_label_formatter(&|v| fmt_num(*v))
+                .x_label_formatter(&|v| fmt_tick(*v))
+                .y_label_formatter(&|v| fmt_tick(*v))
                 .draw()
                 .map_err(e)?;
             for (i, run) in self.runs.iter().enumerate() {

@@ -6,5 +6,9 @@ pub mod canvas;
 pub mod data;
 pub mod figures;
 pub mod stage;
+pub mod synthetic;
 
 pub use stage::{FigureEntry, PlotParams, PlotStage, compare_latents, compare_training};
+
+#[cfg(test)]
+mod tests;

@@ -126,7 +126,7 @@ impl Stage for PlotStage {
             if let Some((j, theirs, ours)) = Latents::class_mismatch(&table, &p.classes) {
                 return Err(StageError::failed(format!(
                     "input `{}`: latent {j} is `{theirs}` in {} but `{ours}` with this stage's `classes`; \
-                     give `plot.classes` the same thresholds as `{}`",
+                     give `classes` the thresholds that `{}` used",
                     u.stage,
                     path.display(),
                     u.stage
@@ -146,128 +146,140 @@ impl Stage for PlotStage {
                     .map_err(|e| StageError::failed(format!("input `{}`: {e}", u.stage)))?,
             );
         }
-        let one = (p.width, p.height);
-        let two = (p.width * 2, p.height);
-        let mut index = Vec::new();
-        let mut add = |fig: &dyn Fn(&Path) -> Result<Vec<PathBuf>, StageError>, title: &str, caption: String| {
-            let files = fig(&out)?;
-            index.push(entry(&files, title, caption));
-            tracing::info!("wrote {}", files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "));
-            Ok::<(), StageError>(())
-        };
-        let first = &tables[0];
-        let with_label = |title: &str| match &p.label {
-            Some(l) if ups.len() > 1 => format!("{title} ({l})"),
-            _ => title.to_string(),
-        };
-        let alive = first.alive_delta_norm().len();
-        let counts = |l: &Latents| {
-            use crate::latents::Class::*;
-            format!(
-                "{} chat-only, {} shared, {} base-only, {} other",
-                l.count(ChatOnly),
-                l.count(Shared),
-                l.count(BaseOnly),
-                l.count(Other)
-            )
-        };
-        add(
-            &|o| draw(&DeltaNorm { latents: first, thresholds: &p.classes, size: one }, o, "delta_norm", &p.formats),
-            &with_label("Relative decoder norm difference Δ_norm"),
-            format!(
-                "Δ_norm over the {alive} non-dead of {} latents, 100 bins: {}{}. Dashed lines: class boundaries; inset: the chat-only band, 20 bins.",
-                first.len(),
-                counts(first),
-                first.nu.as_ref().map_or(String::new(), |nu| format!(
-                    "; {} chat-specific (dark blue)",
-                    nu.chat_specific.iter().filter(|x| **x).count()
-                )),
-            ),
-        )?;
-        add(
-            &|o| draw(&DecoderCosine { latents: first, size: one }, o, "decoder_cosine", &p.formats),
-            &with_label("Decoder cosine similarity by class"),
-            "cos(d_base, d_chat) of each non-dead latent, 20 bins on [-1, 1]; each class sums to 1.".into(),
-        )?;
-        if let Some(nu) = &first.nu {
-            let n_chat = nu.chat_only.iter().filter(|x| **x).count();
-            add(
-                &|o| draw(&NuScatter { latents: first, max: p.nu_max, size: one }, o, "nu_scatter", &p.formats),
-                &with_label("Latent Scaling: ν^ε against ν^r"),
-                format!(
-                    "The effective chat-only set ({n_chat} latents) and the shared baseline, on (0, {}) in both ν; margins: histograms of each axis.",
-                    p.nu_max
-                ),
-            )?;
-            let sets = vec![
-                ("Chat only".to_string(), nu.chat_only.clone(), palette::CHAT_ONLY),
-                ("Shared".to_string(), nu.shared.clone(), palette::SHARED),
-            ];
-            let fig = NuHistograms {
-                title: title_of("ν ratios: chat-only against shared latents", &first.label),
-                latents: first,
-                sets,
-                range: (-0.1, p.nu_max.max(1.1)),
-                bins: 100,
-                size: two,
-            };
-            add(
-                &|o| draw(&fig, o, "nu_histograms", &p.formats),
-                &with_label("ν ratios, chat-only against shared"),
-                "ν^ε and ν^r of the effective chat-only set and the shared baseline, 100 bins; values outside the range are counted in the legend.".into(),
-            )?;
-            let runs: Vec<&Latents> = tables.iter().filter(|l| l.nu.is_some()).collect();
-            add(
-                &|o| draw(&BelowThreshold { runs: runs.clone(), size: one }, o, "latents_below_threshold", &p.formats),
-                &with_label("Chat-only latents below a ν threshold"),
-                "For π in [0, 1] (100 steps): latents of the effective chat-only set with |ν^ε| < π and |ν^r| < π; log scale.".into(),
-            )?;
-            if first.frequency.is_some() {
-                add(
-                    &|o| draw(&FrequencyVsNu { latents: first, size: two }, o, "frequency_vs_nu", &p.formats),
-                    &with_label("Activation frequency against ν"),
-                    "Effective chat-only latents that fire: activation frequency (log) against ν^ε and ν^r, with Pearson's r on the frequency.".into(),
-                )?;
-            }
-            if let Some(share) = &first.template_share {
-                let template: Vec<bool> =
-                    nu.chat_only.iter().zip(share).map(|(c, s)| *c && *s > p.template_share).collect();
-                let k = template.iter().filter(|x| **x).count();
-                let fig = NuHistograms {
-                    title: title_of("ν ratios of chat-only latents on template tokens", &first.label),
-                    latents: first,
-                    sets: vec![
-                        ("All chat-only".to_string(), nu.chat_only.clone(), palette::OTHER),
-                        (format!("Template share > {}", p.template_share), template, palette::CHAT_ONLY),
-                    ],
-                    range: (-0.1, 1.1),
-                    bins: 50,
-                    size: two,
-                };
-                add(
-                    &|o| draw(&fig, o, "nu_template", &p.formats),
-                    &with_label("ν ratios of template-token latents"),
-                    format!(
-                        "ν^ε and ν^r, 50 bins on [-0.1, 1.1]: all effective chat-only latents (grey) and the {k} with more than {} of their activations on chat-template tokens (blue).",
-                        p.template_share
-                    ),
-                )?;
-            }
-        } else {
-            tracing::info!("`{}` has no ν columns (a collect table): the ν figures are skipped", ups[0].stage);
-        }
-        if !logs.is_empty() {
-            add(
-                &|o| draw(&Training { runs: &logs, size: (p.width * 2, p.height * 2 * 7 / 10) }, o, "training", &p.formats),
-                &with_label("Training curves"),
-                "From metrics.jsonl: training batches (lines) and validation (lines with markers).".into(),
-            )?;
-        }
+        let index = draw_figures(p, &tables, &logs, &out)?;
         let json = serde_json::to_vec_pretty(&index).map_err(StageError::other)?;
         std::fs::write(out.join("figures.json"), json).map_err(|e| StageError::io(out.join("figures.json").display(), e))?;
         ctx.record_metric("figures", index.len());
         Ok(())
     }
+}
+
+/// Draws every figure the tables and logs allow into `out` (the first table alone; all tables in
+/// the threshold curves; all logs in the training curves) and returns the `figures.json` index.
+pub fn draw_figures(
+    p: &PlotParams,
+    tables: &[Latents],
+    logs: &[TrainLog],
+    out: &Path,
+) -> Result<Vec<FigureEntry>, StageError> {
+    let Some(first) = tables.first() else { return Err(StageError::failed("no latent table to draw")) };
+    let one = (p.width, p.height);
+    let two = (p.width * 2, p.height);
+    let mut index = Vec::new();
+    let mut add = |fig: &dyn Fn(&Path) -> Result<Vec<PathBuf>, StageError>, title: &str, caption: String| {
+        let files = fig(out)?;
+        index.push(entry(&files, title, caption));
+        tracing::info!("wrote {}", files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "));
+        Ok::<(), StageError>(())
+    };
+    let with_label = |title: &str| match &p.label {
+        Some(l) if tables.len() > 1 => format!("{title} ({l})"),
+        _ => title.to_string(),
+    };
+    let alive = first.alive_delta_norm().len();
+    let counts = |l: &Latents| {
+        use crate::latents::Class::*;
+        format!(
+            "{} chat-only, {} shared, {} base-only, {} other",
+            l.count(ChatOnly),
+            l.count(Shared),
+            l.count(BaseOnly),
+            l.count(Other)
+        )
+    };
+    add(
+        &|o| draw(&DeltaNorm { latents: first, thresholds: &p.classes, size: one }, o, "delta_norm", &p.formats),
+        &with_label("Relative decoder norm difference Δ_norm"),
+        format!(
+            "Δ_norm over the {alive} non-dead of {} latents, 100 bins: {}{}. Dashed lines: class boundaries; inset: the chat-only band, 20 bins.",
+            first.len(),
+            counts(first),
+            first.nu.as_ref().map_or(String::new(), |nu| format!(
+                "; {} chat-specific (dark blue)",
+                nu.chat_specific.iter().filter(|x| **x).count()
+            )),
+        ),
+    )?;
+    add(
+        &|o| draw(&DecoderCosine { latents: first, size: one }, o, "decoder_cosine", &p.formats),
+        &with_label("Decoder cosine similarity by class"),
+        "cos(d_base, d_chat) of each non-dead latent, 20 bins on [-1, 1]; each class sums to 1.".into(),
+    )?;
+    if let Some(nu) = &first.nu {
+        let n_chat = nu.chat_only.iter().filter(|x| **x).count();
+        add(
+            &|o| draw(&NuScatter { latents: first, max: p.nu_max, size: one }, o, "nu_scatter", &p.formats),
+            &with_label("Latent Scaling: νᵋ against νʳ"),
+            format!(
+                "The effective chat-only set ({n_chat} latents) and the shared baseline, on (0, {}) in both ν; margins: histograms of each axis.",
+                p.nu_max
+            ),
+        )?;
+        let sets = vec![
+            ("Chat only".to_string(), nu.chat_only.clone(), palette::CHAT_ONLY),
+            ("Shared".to_string(), nu.shared.clone(), palette::SHARED),
+        ];
+        let fig = NuHistograms {
+            title: title_of("ν ratios: chat-only against shared latents", &first.label),
+            latents: first,
+            sets,
+            range: (-0.1, p.nu_max.max(1.1)),
+            bins: 100,
+            size: two,
+        };
+        add(
+            &|o| draw(&fig, o, "nu_histograms", &p.formats),
+            &with_label("ν ratios, chat-only against shared"),
+            "νᵋ and νʳ of the effective chat-only set and the shared baseline, 100 bins; values outside the range are counted in the legend.".into(),
+        )?;
+        let runs: Vec<&Latents> = tables.iter().filter(|l| l.nu.is_some()).collect();
+        add(
+            &|o| draw(&BelowThreshold { runs: runs.clone(), size: one }, o, "latents_below_threshold", &p.formats),
+            &with_label("Chat-only latents below a ν threshold"),
+            "For π in [0, 1] (100 steps): latents of the effective chat-only set with |νᵋ| < π and |νʳ| < π; log scale.".into(),
+        )?;
+        if first.frequency.is_some() {
+            add(
+                &|o| draw(&FrequencyVsNu { latents: first, size: two }, o, "frequency_vs_nu", &p.formats),
+                &with_label("Activation frequency against ν"),
+                "Effective chat-only latents that fire: activation frequency (log) against νᵋ and νʳ, with Pearson's r on the frequency.".into(),
+            )?;
+        }
+        if let Some(share) = &first.template_share {
+            let template: Vec<bool> =
+                nu.chat_only.iter().zip(share).map(|(c, s)| *c && *s > p.template_share).collect();
+            let k = template.iter().filter(|x| **x).count();
+            let fig = NuHistograms {
+                title: title_of("ν ratios of chat-only latents on template tokens", &first.label),
+                latents: first,
+                sets: vec![
+                    ("All chat-only".to_string(), nu.chat_only.clone(), palette::OTHER),
+                    (format!("Template share > {}", p.template_share), template, palette::CHAT_ONLY),
+                ],
+                range: (-0.1, 1.1),
+                bins: 50,
+                size: two,
+            };
+            add(
+                &|o| draw(&fig, o, "nu_template", &p.formats),
+                &with_label("ν ratios of template-token latents"),
+                format!(
+                    "νᵋ and νʳ, 50 bins on [-0.1, 1.1]: all effective chat-only latents (grey) and the {k} with more than {} of their activations on chat-template tokens (blue).",
+                    p.template_share
+                ),
+            )?;
+        }
+    } else {
+        tracing::info!("`{}` has no ν columns (a collect table): the ν figures are skipped", first.label);
+    }
+    if !logs.is_empty() {
+        add(
+            &|o| draw(&Training { runs: &logs, size: (p.width * 2, p.height * 2 * 7 / 10) }, o, "training", &p.formats),
+            &with_label("Training curves"),
+            "From metrics.jsonl: training batches (lines) and validation (lines with markers).".into(),
+        )?;
+    }
+    Ok(index)
 }
 
 fn draw(fig: &impl Figure, dir: &Path, stem: &str, formats: &[Format]) -> Result<Vec<PathBuf>, StageError> {
