@@ -610,11 +610,15 @@ impl Figure for FrequencyVsNu<'_> {
         let set: Vec<usize> = (0..l.len()).filter(|j| nu.chat_only[*j] && freq[*j] > 0.0).collect();
         let f: Vec<f64> = set.iter().map(|j| freq[*j]).collect();
         let (fmin, fmax) = f.iter().fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(*x), b.max(*x)));
-        let (flo, fhi) = if f.is_empty() {
-            (1e-4, 1.0)
+        // Whole decades, at least two (one decade would carry a single labelled tick), with the
+        // bounds nudged outwards so that plotters labels both.
+        let (lo_dec, hi_dec) = if f.is_empty() {
+            (-4, 0)
         } else {
-            (10f64.powf(fmin.log10().floor()), 10f64.powf((fmax.log10() + 1e-9).ceil()))
+            let (lo, hi) = (fmin.log10().floor() as i32, (fmax.log10() - 1e-9).ceil() as i32);
+            if hi - lo < 2 { (hi - 2, hi) } else { (lo, hi) }
         };
+        let (flo, fhi) = (10f64.powi(lo_dec) * 0.999, 10f64.powi(hi_dec) * 1.001);
         let area = titled(root, &title_of("Activation frequency against ν, chat-only latents", &l.label), s.title_font())
             .map_err(e)?;
         let panels = area.split_evenly((1, 2));
