@@ -10,6 +10,7 @@ mod diff_report;
 mod failures;
 mod import;
 mod keys;
+mod paper;
 mod plot;
 mod resume;
 mod scale;
