@@ -67,6 +67,9 @@ fn without_the_models_plan_names_each_missing_reference() {
             assert!(err.contains(&format!("hf download {id}")), "{name}: no download command for {id}");
         }
         assert!(err.contains(&format!("pipelines/{name}.toml:")), "{err}");
+        // Each missing reference once (four caches use each model), with its other places.
+        assert!(err.contains(&format!("errors in {} (4 distinct)", pipeline(name))), "{err}");
+        assert_eq!(err.matches(&format!("`{}` is not in", pair[0])).count(), 1, "{err}");
     }
 }
 

@@ -141,6 +141,11 @@ impl ConfigError {
 
     /// The rustc-like rendering: message, location, underlined source, key path, help.
     pub fn render(&self) -> String {
+        self.render_with_note(None)
+    }
+
+    /// [`render`](Self::render) with a closing note (the other places of a repeated error).
+    fn render_with_note(&self, note: Option<&str>) -> String {
         let path = self.file.to_string_lossy();
         let mut group = Group::with_title(Level::ERROR.primary_title(self.message.as_str()));
         match &self.text {
@@ -166,6 +171,9 @@ impl ConfigError {
         }
         if let Some(help) = &self.help {
             group = group.element(Level::HELP.message(help.as_str()));
+        }
+        if let Some(note) = note {
+            group = group.element(Level::NOTE.message(note));
         }
         Renderer::plain().render(&[group])
     }
@@ -207,10 +215,26 @@ impl ConfigErrors {
         &self.file
     }
 
+    /// Each distinct error (same message and help) once, in order of its first place, with a
+    /// note naming its other places: a missing model that four stages use is one error, not four.
     fn render(&self) -> String {
+        let mut groups: Vec<(&ConfigError, Vec<&ConfigError>)> = Vec::new();
+        for e in &self.errors {
+            match groups.iter_mut().find(|(first, _)| first.message == e.message && first.help == e.help) {
+                Some((_, more)) => more.push(e),
+                None => groups.push((e, Vec::new())),
+            }
+        }
         let mut out = String::new();
-        for e in self.errors.iter().take(MAX_SHOWN) {
-            out.push_str(&e.render());
+        for (first, more) in groups.iter().take(MAX_SHOWN) {
+            let note = (!more.is_empty()).then(|| {
+                let places: Vec<String> = more
+                    .iter()
+                    .map(|e| if e.key_path.is_empty() { e.location() } else { format!("{} ({})", e.key_path, e.location()) })
+                    .collect();
+                format!("the same at {}", places.join(", "))
+            });
+            out.push_str(&first.render_with_note(note.as_deref()));
             out.push_str("\n\n");
         }
         let n = self.errors.len();
@@ -219,7 +243,10 @@ impl ConfigErrors {
             if n == 1 { "" } else { "s" },
             self.file.display()
         ));
-        if n > MAX_SHOWN {
+        if groups.len() < n {
+            out.push_str(&format!(" ({} distinct)", groups.len()));
+        }
+        if groups.len() > MAX_SHOWN {
             out.push_str(&format!(" (the first {MAX_SHOWN} are shown)"));
         }
         out

@@ -833,6 +833,31 @@ fn reference_errors() {
     });
 }
 
+#[test]
+fn a_repeated_error_is_shown_once_with_its_other_places() {
+    let refs = |k: &str| if k == "REFS" { Some("/refs".to_string()) } else { env(k) };
+    let stage = |name: &str, base: &str, extra: &str| {
+        format!("[stages.{name}]\nkind = \"model\"\nbase = \"{base}\"\nextra = \"{extra}\"\n")
+    };
+    let text = format!(
+        "[pipeline]\nname = \"x\"\n{}{}{}",
+        stage("a", "org/nope", "org/other"),
+        stage("b", "org/nope", "org/other"),
+        stage("c", "org/other", "org/nope")
+    );
+    let e = load_str(Path::new(FILE), &text, &[], &kinds::with_refs(), &refs).expect_err("unresolvable");
+    let out = e.to_string();
+    assert_eq!(e.len(), 6, "every place is still an error of its own: {out}");
+    assert_eq!(out.matches("`org/nope` is neither").count(), 1, "{out}");
+    assert_eq!(out.matches("`org/other` is neither").count(), 1, "{out}");
+    assert!(
+        out.contains("note: the same at stages.b.base (pipelines/x.toml:9:8), stages.c.extra (pipelines/x.toml:14:9)"),
+        "{out}"
+    );
+    assert!(out.contains("note: the same at stages.b.extra (pipelines/x.toml:10:9), stages.c.base (pipelines/x.toml:13:8)"), "{out}");
+    assert!(out.ends_with("error: 6 errors in pipelines/x.toml (2 distinct)"), "{out}");
+}
+
 // ---- values ----
 
 #[test]
