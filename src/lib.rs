@@ -414,20 +414,20 @@ fn dispatch(cli: Cli, registry: &Registry, cancel: Cancel) -> Result<u8> {
             let figures = if no_figures {
                 None
             } else {
-                let folder = out.unwrap_or_else(|| {
-                    store.root().join("diffs").join(engine::diff::folder_name(&labels))
-                });
-                let about: Vec<String> = sides
-                    .iter()
-                    .map(|s| format!("{}\t{}", s.label, s.pipeline.file.display()))
-                    .collect();
+                let folder = out
+                    .unwrap_or_else(|| store.root().join("diffs").join(engine::diff::folder_name(&labels)));
+                let about: Vec<String> =
+                    sides.iter().map(|s| format!("{}\t{}", s.label, s.pipeline.file.display())).collect();
                 let jobs = engine::diff::figure_jobs(&sides);
                 Some(engine::diff::write_figures(registry, &jobs, &folder, &about)?)
             };
             let v = engine::report::diff_json(&sides, figures.as_ref());
             if json {
                 for w in figures.iter().flat_map(|f| &f.warnings) {
-                    eprintln!("warning: comparing stage `{}` (kind `{}`) failed: {}", w.stage, w.kind, w.message);
+                    eprintln!(
+                        "warning: comparing stage `{}` (kind `{}`) failed: {}",
+                        w.stage, w.kind, w.message
+                    );
                 }
                 print_json(&v);
             } else {

@@ -216,7 +216,8 @@ fn fill(registry: &Registry, jobs: &[FigureJob], tmp: &Path, about: &[String]) -
         let Some(kind) = registry.get(&job.kind) else { continue };
         let dest = tmp.join(&job.stage);
         fs::create_dir(&dest).map_err(io(&dest))?;
-        let warn = |message: String| FigureWarning { stage: job.stage.clone(), kind: job.kind.clone(), message };
+        let warn =
+            |message: String| FigureWarning { stage: job.stage.clone(), kind: job.kind.clone(), message };
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| kind.compare(&job.outputs, &dest)));
         let files = match outcome {
             Ok(Ok(files)) => files,
@@ -344,7 +345,11 @@ mod tests {
         ) -> Result<(), crate::stage::StageError> {
             Ok(())
         }
-        fn compare(&self, outputs: &[Compared], dest: &Path) -> Result<Vec<PathBuf>, crate::stage::StageError> {
+        fn compare(
+            &self,
+            outputs: &[Compared],
+            dest: &Path,
+        ) -> Result<Vec<PathBuf>, crate::stage::StageError> {
             match self.0 {
                 "fail" => Err(crate::stage::StageError::failed("no data to compare")),
                 "nothing" => Ok(vec![]),
@@ -363,7 +368,11 @@ mod tests {
             kind: "lister".into(),
             outputs: labels
                 .iter()
-                .map(|l| Compared { label: l.to_string(), stage: stage.into(), dir: PathBuf::from("/nowhere") })
+                .map(|l| Compared {
+                    label: l.to_string(),
+                    stage: stage.into(),
+                    dir: PathBuf::from("/nowhere"),
+                })
                 .collect(),
         }
     }

@@ -19,6 +19,6 @@ pub mod store;
 
 pub use key::{Canon, Key};
 pub use stage::{
-    Arity, Cancel, Compared, DeviceUse, InputSource, InputSpec, ParamError, Registry, Stage, StageContext, StageError,
-    Upstream,
+    Arity, Cancel, Compared, DeviceUse, InputSource, InputSpec, ParamError, Registry, Stage, StageContext,
+    StageError, Upstream,
 };

@@ -214,7 +214,10 @@ pub fn diff_json(sides: &[Side<'_>], figures: Option<&Figures>) -> Value {
         let decls: Vec<Option<&StageDecl>> = sides.iter().map(|s| s.pipeline.stage(name)).collect();
         let row = |path: &str, values: Vec<Value>| json!({"stage": name, "path": path, "values": values});
         if decls.iter().any(Option::is_none) {
-            params.push(row("", decls.iter().map(|d| d.map(|_| json!("present")).unwrap_or(Value::Null)).collect()));
+            params.push(row(
+                "",
+                decls.iter().map(|d| d.map(|_| json!("present")).unwrap_or(Value::Null)).collect(),
+            ));
         }
         if decls.iter().flatten().count() < 2 {
             continue;
@@ -231,7 +234,11 @@ pub fn diff_json(sides: &[Side<'_>], figures: Option<&Figures>) -> Value {
         for path in paths {
             let values: Vec<Option<Value>> = fields
                 .iter()
-                .map(|f| f.as_ref().map(|f| f.iter().find(|(p, _)| p == path).map(|(_, v)| v.clone()).unwrap_or(Value::Null)))
+                .map(|f| {
+                    f.as_ref().map(|f| {
+                        f.iter().find(|(p, _)| p == path).map(|(_, v)| v.clone()).unwrap_or(Value::Null)
+                    })
+                })
                 .collect();
             let present: Vec<&Value> = values.iter().flatten().collect();
             if present.iter().any(|v| *v != present[0]) {
@@ -276,15 +283,19 @@ pub fn diff_json(sides: &[Side<'_>], figures: Option<&Figures>) -> Value {
     // Metrics of every matched stage that at least two pipelines have published.
     let mut metrics = Vec::new();
     for r in &rows {
-        let objects: Vec<Option<&crate::store::Object>> = r.iter().map(|s| s.and_then(|s| s.object.as_ref())).collect();
+        let objects: Vec<Option<&crate::store::Object>> =
+            r.iter().map(|s| s.and_then(|s| s.object.as_ref())).collect();
         if objects.iter().flatten().count() < 2 {
             continue;
         }
         let Some(stage) = r.iter().flatten().next().map(|s| s.name.clone()) else { continue };
-        let keys: BTreeSet<&String> = objects.iter().flatten().flat_map(|o| o.manifest.metrics.keys()).collect();
+        let keys: BTreeSet<&String> =
+            objects.iter().flatten().flat_map(|o| o.manifest.metrics.keys()).collect();
         for k in keys {
-            let values: Vec<Value> =
-                objects.iter().map(|o| o.and_then(|o| o.manifest.metrics.get(k).cloned()).unwrap_or(Value::Null)).collect();
+            let values: Vec<Value> = objects
+                .iter()
+                .map(|o| o.and_then(|o| o.manifest.metrics.get(k).cloned()).unwrap_or(Value::Null))
+                .collect();
             let mut m = json!({"stage": stage, "metric": k, "values": values});
             if let [Some(x), Some(y)] = [values.first(), values.last()].map(|v| v.and_then(Value::as_f64))
                 && n == 2
@@ -342,7 +353,8 @@ pub fn flatten(c: &Canon, path: &str, out: &mut Vec<(String, Value)>) {
 const DIFF_WIDTH: usize = 120;
 
 pub fn diff_text(v: &Value) -> String {
-    let mut s = if v["pipelines"].as_array().map_or(0, Vec::len) == 2 { diff_text_two(v) } else { diff_text_many(v) };
+    let mut s =
+        if v["pipelines"].as_array().map_or(0, Vec::len) == 2 { diff_text_two(v) } else { diff_text_many(v) };
     let f = &v["figures"];
     if let Some(folder) = f["folder"].as_str() {
         let _ = writeln!(s, "\nfigures: {folder}");
@@ -385,7 +397,8 @@ fn diff_text_two(v: &Value) -> String {
         s.push_str("  (identical)\n");
     }
     for p in params {
-        let _ = writeln!(s, "  {}: {} -> {}", param_at(&p), compact(&p["values"][0]), compact(&p["values"][1]));
+        let _ =
+            writeln!(s, "  {}: {} -> {}", param_at(&p), compact(&p["values"][0]), compact(&p["values"][1]));
     }
     s.push_str("\nstages:\n");
     let mut rows =
@@ -432,7 +445,13 @@ fn diff_text_many(v: &Value) -> String {
     let width = DIFF_WIDTH - 2;
     s.push_str("pipelines:\n");
     for p in &pipes {
-        let _ = writeln!(s, "  {:<w$}  {}", truncate_middle(&str_of(&p["label"]), 32), str_of(&p["file"]), w = labels.iter().map(|l| l.chars().count().min(32)).max().unwrap_or(0));
+        let _ = writeln!(
+            s,
+            "  {:<w$}  {}",
+            truncate_middle(&str_of(&p["label"]), 32),
+            str_of(&p["file"]),
+            w = labels.iter().map(|l| l.chars().count().min(32)).max().unwrap_or(0)
+        );
     }
 
     s.push_str("\nparameters that differ:\n");
@@ -450,7 +469,8 @@ fn diff_text_many(v: &Value) -> String {
     }
 
     s.push_str("\nstages (key, and state when not cached):\n");
-    let mut rows = vec![[vec!["STAGE".to_string(), "KIND".into()], labels.clone(), vec!["SHARED".into()]].concat()];
+    let mut rows =
+        vec![[vec!["STAGE".to_string(), "KIND".into()], labels.clone(), vec!["SHARED".into()]].concat()];
     for st in v["stages"].as_array().into_iter().flatten() {
         let mut names: Vec<String> = Vec::new();
         for n in st["names"].as_array().into_iter().flatten().filter_map(Value::as_str) {
@@ -514,9 +534,8 @@ fn fit_table(rows: &[Vec<String>], caps: &[Option<usize>], width: usize) -> Stri
     }
     let fixed: usize = w.iter().zip(caps).filter(|(_, c)| c.is_some()).map(|(w, _)| *w).sum();
     let flex = caps.iter().filter(|c| c.is_none()).count();
-    if flex > 0 {
-        let left = width.saturating_sub(fixed + 2 * (ncols - 1));
-        let each = (left / flex).max(6);
+    if let Some(share) = width.saturating_sub(fixed + 2 * (ncols - 1)).checked_div(flex) {
+        let each = share.max(6);
         for (wi, cap) in w.iter_mut().zip(caps) {
             if cap.is_none() {
                 *wi = (*wi).min(each);
@@ -771,7 +790,11 @@ k = 4
         ];
         let figs = Figures {
             folder: PathBuf::from("/ds/diffs/k4--k8--k16"),
-            stages: vec![StageFigures { stage: "train".into(), kind: "train".into(), files: vec!["train/x.tsv".into()] }],
+            stages: vec![StageFigures {
+                stage: "train".into(),
+                kind: "train".into(),
+                files: vec!["train/x.tsv".into()],
+            }],
             warnings: vec![],
         };
         let v = diff_of(&sides, Some(&figs));
@@ -781,7 +804,8 @@ k = 4
     #[test]
     fn three_way_json_has_one_value_per_pipeline() {
         let (_f, v) = three();
-        let labels: Vec<&str> = v["pipelines"].as_array().unwrap().iter().map(|p| p["label"].as_str().unwrap()).collect();
+        let labels: Vec<&str> =
+            v["pipelines"].as_array().unwrap().iter().map(|p| p["label"].as_str().unwrap()).collect();
         assert_eq!(labels, ["k4", "k8", "k16"], "names repeat, so labels are file stems");
         assert_eq!(v["pipelines"][0]["name"], "sweep");
         assert_eq!(
@@ -797,10 +821,15 @@ k = 4
         assert_eq!(stages[0]["shared"], true);
         assert_eq!(stages[0]["states"], json!(["cached", "cached", "cached"]));
         assert_eq!(stages[1]["shared"], false);
-        assert_eq!(stages[1]["states"], json!(["cached", "cached", "stale"]), "same name, run before with another key");
+        assert_eq!(
+            stages[1]["states"],
+            json!(["cached", "cached", "stale"]),
+            "same name, run before with another key"
+        );
         assert!(stages[1]["keys"].as_array().unwrap().iter().all(Value::is_string));
         // Metrics of stages at least two have published; no delta for three pipelines.
-        let m: Vec<&Value> = v["metrics"].as_array().unwrap().iter().filter(|m| m["stage"] == "train").collect();
+        let m: Vec<&Value> =
+            v["metrics"].as_array().unwrap().iter().filter(|m| m["stage"] == "train").collect();
         assert_eq!(m.len(), 1);
         assert_eq!(m[0]["values"], json!([0.5, 0.25, null]));
         assert!(m[0].get("delta").is_none(), "{}", m[0]);
@@ -813,11 +842,22 @@ k = 4
         let f = Fixture::new();
         let a = f.side("a", &[], true, 0.5);
         let data = format!("stages.extra.data={}", f.dir.path().join("web.bin").display());
-        let b = f.side("b", &["stages.train.k=8", "stages.extra.kind=source", &data, "stages.extra.seed=3"], true, 0.25);
+        let b = f.side(
+            "b",
+            &["stages.train.k=8", "stages.extra.kind=source", &data, "stages.extra.seed=3"],
+            true,
+            0.25,
+        );
         let v = diff_of(&[a, b], None);
-        let train: Vec<&Value> = v["metrics"].as_array().unwrap().iter().filter(|m| m["stage"] == "train").collect();
+        let train: Vec<&Value> =
+            v["metrics"].as_array().unwrap().iter().filter(|m| m["stage"] == "train").collect();
         assert_eq!(train[0]["delta"], json!(-0.25));
-        assert!(v["params"].as_array().unwrap().contains(&json!({"stage": "extra", "path": "", "values": [null, "present"]})));
+        assert!(
+            v["params"]
+                .as_array()
+                .unwrap()
+                .contains(&json!({"stage": "extra", "path": "", "values": [null, "present"]}))
+        );
         assert_eq!(v["figures"], json!({"folder": null, "files": [], "warnings": []}));
         let text = diff_text(&v);
         assert!(text.contains("A = sweep#1 (") || text.contains("A = a ("), "{text}");

@@ -60,8 +60,10 @@ pub fn render(p: &Pipeline, plan: &Plan, datastore: &Path, generated: &str, read
         esc(generated)
     );
 
-    h.push_str("<h2>Stages</h2>\n<table>\n<thead><tr><th>stage</th><th>kind</th><th>key</th><th>state</th>\
-                <th class=\"num\">seconds</th></tr></thead>\n<tbody>\n");
+    h.push_str(
+        "<h2>Stages</h2>\n<table>\n<thead><tr><th>stage</th><th>kind</th><th>key</th><th>state</th>\
+                <th class=\"num\">seconds</th></tr></thead>\n<tbody>\n",
+    );
     for s in &plan.stages {
         let seconds = s.object.as_ref().map(|o| sig4(o.manifest.seconds)).unwrap_or_default();
         let _ = writeln!(
@@ -126,7 +128,12 @@ fn stage_section(h: &mut String, p: &Pipeline, s: &StagePlan, read: &Reader<'_>)
         if !rows.is_empty() {
             h.push_str("<h3>Parameters</h3>\n<table>\n<tbody>\n");
             for (k, v) in rows {
-                let _ = writeln!(h, "<tr><th><code>{}</code></th><td><code>{}</code></td></tr>", esc(&k), esc(&v));
+                let _ = writeln!(
+                    h,
+                    "<tr><th><code>{}</code></th><td><code>{}</code></td></tr>",
+                    esc(&k),
+                    esc(&v)
+                );
             }
             h.push_str("</tbody>\n</table>\n");
         }
@@ -195,7 +202,9 @@ fn figures_of(o: &Object, read: &Reader<'_>) -> (Vec<Figure>, Vec<String>) {
         match read(&out.join(FIGURES_FILE)).map(|b| serde_json::from_slice::<Vec<FigureEntry>>(&b)) {
             Some(Ok(e)) => Some(e),
             Some(Err(e)) => {
-                notes.push(format!("{FIGURES_FILE} is not a list of figures ({e}); showing every PNG instead"));
+                notes.push(format!(
+                    "{FIGURES_FILE} is not a list of figures ({e}); showing every PNG instead"
+                ));
                 None
             }
             None => {
@@ -210,7 +219,12 @@ fn figures_of(o: &Object, read: &Reader<'_>) -> (Vec<Figure>, Vec<String>) {
         files
             .iter()
             .filter(|f| !f.contains('/') && f.to_ascii_lowercase().ends_with(".png"))
-            .map(|f| FigureEntry { file: f.to_string(), title: f.to_string(), caption: String::new(), svg: None })
+            .map(|f| FigureEntry {
+                file: f.to_string(),
+                title: f.to_string(),
+                caption: String::new(),
+                svg: None,
+            })
             .collect()
     });
     let mut figures = Vec::new();
@@ -270,7 +284,9 @@ pub fn sig4(x: f64) -> String {
         let s = format!("{x:.3e}");
         // `1.230e-7` → `1.23e-7`
         return match s.split_once('e') {
-            Some((m, e)) if m.contains('.') => format!("{}e{e}", m.trim_end_matches('0').trim_end_matches('.')),
+            Some((m, e)) if m.contains('.') => {
+                format!("{}e{e}", m.trim_end_matches('0').trim_end_matches('.'))
+            }
             _ => s,
         };
     }
@@ -370,15 +386,18 @@ k = 4
         p.name = "p<&>".into();
         let web = pl.stages.iter_mut().find(|s| s.name == "web").unwrap();
         let obj = web.object.as_mut().unwrap();
-        obj.manifest.files =
-            files.iter().map(|(f, b)| FileEntry { path: f.to_string(), size: b.len() as u64, blake3: String::new() }).collect();
+        obj.manifest.files = files
+            .iter()
+            .map(|(f, b)| FileEntry { path: f.to_string(), size: b.len() as u64, blake3: String::new() })
+            .collect();
         obj.manifest.metrics = BTreeMap::from([
             ("loss".to_string(), serde_json::json!(0.0123456)),
             ("rows".to_string(), serde_json::json!(4096)),
             ("<b>".to_string(), serde_json::json!("x&y")),
         ]);
         let out = obj.out_dir();
-        let served: BTreeMap<PathBuf, Vec<u8>> = files.iter().map(|(f, b)| (out.join(f), b.to_vec())).collect();
+        let served: BTreeMap<PathBuf, Vec<u8>> =
+            files.iter().map(|(f, b)| (out.join(f), b.to_vec())).collect();
         let read = move |path: &Path| served.get(path).cloned();
         render(&p, &pl, Path::new("/ds"), "2026-01-02T03:04:05Z", &read)
     }
@@ -404,12 +423,16 @@ k = 4
         assert!(html.contains("<td class=\"num\">0.01235</td>"), "{html}");
         assert!(html.contains("<td class=\"num\">4096</td>"));
         assert!(html.contains("<tr><th><code>seed</code></th><td><code>1</code></td></tr>"));
-        assert!(html.contains("<tr><th><code>n</code></th><td><code>10</code></td></tr>"), "defaults are filled in");
+        assert!(
+            html.contains("<tr><th><code>n</code></th><td><code>10</code></td></tr>"),
+            "defaults are filled in"
+        );
         assert!(html.contains("<tr><th><code>inputs.activations</code></th><td><code>web</code></td></tr>"));
         // train has not run; web has.
         let train = &html[html.find("<section id=\"stage-train\">").unwrap()..];
         assert!(train.contains("not run yet (run <code>pipe run "), "{train}");
-        let web = &html[html.find("<section id=\"stage-web\">").unwrap()..html.find("<section id=\"stage-train\">").unwrap()];
+        let web = &html[html.find("<section id=\"stage-web\">").unwrap()
+            ..html.find("<section id=\"stage-train\">").unwrap()];
         assert!(!web.contains("not run yet"), "{web}");
         // Topological order.
         assert!(html.find("id=\"stage-web\"").unwrap() < html.find("id=\"stage-train\"").unwrap());
@@ -419,7 +442,8 @@ k = 4
     fn figures_json_orders_titles_and_captions() {
         let json = br#"[{"file": "b.png", "title": "B <one>", "caption": "x & y", "svg": "b.svg"},
                         {"file": "a.png"}, {"file": "../etc/passwd.png"}]"#;
-        let html = page(&[("a.png", b"AAA"), ("b.png", b"BBB"), ("b.svg", b"<svg/>"), ("figures.json", json)]);
+        let html =
+            page(&[("a.png", b"AAA"), ("b.png", b"BBB"), ("b.svg", b"<svg/>"), ("figures.json", json)]);
         let (a, b) = (data_uri("image/png", b"AAA"), data_uri("image/png", b"BBB"));
         assert!(html.find(&b).unwrap() < html.find(&a).unwrap(), "listed order");
         assert!(html.contains(&format!("<img src=\"{b}\" alt=\"B &lt;one&gt;\">")), "{html}");
@@ -439,7 +463,14 @@ k = 4
 
     #[test]
     fn numbers_have_four_significant_digits() {
-        for (x, want) in [(0.0123456, "0.01235"), (1234.5678, "1235"), (3.0, "3"), (1.5e-7, "1.5e-7"), (2.5e9, "2.5e9"), (-0.5, "-0.5")] {
+        for (x, want) in [
+            (0.0123456, "0.01235"),
+            (1234.5678, "1235"),
+            (3.0, "3"),
+            (1.5e-7, "1.5e-7"),
+            (2.5e9, "2.5e9"),
+            (-0.5, "-0.5"),
+        ] {
             assert_eq!(sig4(x), want, "{x}");
         }
     }

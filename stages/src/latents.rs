@@ -195,7 +195,10 @@ impl LatentTable {
                 return Ok(values);
             }
             let mut it = values.into_iter();
-            Ok(defs.iter().map(|d| if *d == max_def { it.next().unwrap_or(null.clone()) } else { null.clone() }).collect())
+            Ok(defs
+                .iter()
+                .map(|d| if *d == max_def { it.next().unwrap_or(null.clone()) } else { null.clone() })
+                .collect())
         }
         for g in 0..reader.num_row_groups() {
             let rg = reader.get_row_group(g).map_err(|e| err(e.to_string()))?;
@@ -206,11 +209,18 @@ impl LatentTable {
                 let column_name = columns[slot].0.clone();
                 let e = |e: parquet::errors::ParquetError| err(format!("column `{column_name}`: {e}"));
                 match (&mut columns[slot].1, physical) {
-                    (Column::F64(v), P::DOUBLE) => v.extend(chunk::<DoubleType>(cr, rows, max_def, f64::NAN).map_err(e)?),
+                    (Column::F64(v), P::DOUBLE) => {
+                        v.extend(chunk::<DoubleType>(cr, rows, max_def, f64::NAN).map_err(e)?)
+                    }
                     (Column::F64(v), _) => v.extend(
-                        chunk::<FloatType>(cr, rows, max_def, f32::NAN).map_err(e)?.into_iter().map(f64::from),
+                        chunk::<FloatType>(cr, rows, max_def, f32::NAN)
+                            .map_err(e)?
+                            .into_iter()
+                            .map(f64::from),
                     ),
-                    (Column::I64(v), P::INT64) => v.extend(chunk::<Int64Type>(cr, rows, max_def, 0).map_err(e)?),
+                    (Column::I64(v), P::INT64) => {
+                        v.extend(chunk::<Int64Type>(cr, rows, max_def, 0).map_err(e)?)
+                    }
                     (Column::I64(v), _) => v.extend(
                         chunk::<Int32Type>(cr, rows, max_def, 0).map_err(e)?.into_iter().map(i64::from),
                     ),

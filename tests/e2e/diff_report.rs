@@ -12,7 +12,10 @@ use crate::support::{DIAMOND, Env};
 /// share the pipeline name, so their labels are their file stems.
 fn sweep(env: &Env) {
     env.write("k2.toml", &DIAMOND.replace("name = \"diamond\"", "name = \"sweep\""));
-    env.write("k3.toml", &DIAMOND.replace("name = \"diamond\"", "name = \"sweep\"").replace("seed = 2", "seed = 3"));
+    env.write(
+        "k3.toml",
+        &DIAMOND.replace("name = \"diamond\"", "name = \"sweep\"").replace("seed = 2", "seed = 3"),
+    );
     env.write(
         "k4.toml",
         &DIAMOND
@@ -64,8 +67,10 @@ fn diff_of_three_pipelines_as_tables() {
     let tsv = fs::read_to_string(folder(&env).join("b/sizes.tsv")).unwrap();
     assert_eq!(tsv, "label\tstage\tbytes\nk2\tb\t4096\nk3\tb\t4096\nother\tb\t4096\n");
     // `a` is shared by all three (nothing to compare); `c` and `d` are of a kind that compares nothing.
-    let mut entries: Vec<String> =
-        fs::read_dir(folder(&env)).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+    let mut entries: Vec<String> = fs::read_dir(folder(&env))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into())
+        .collect();
     entries.sort();
     assert_eq!(entries, [".pipe-diff", "b"]);
 }
@@ -98,8 +103,10 @@ fn the_figure_folder_is_replaced_whole() {
     assert!(f.join("b/sizes.tsv").is_file());
     assert!(!f.join("b/stale.txt").exists() && !f.join("old.txt").exists());
     // No temporary or old folder is left beside it.
-    let siblings: Vec<String> =
-        fs::read_dir(f.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+    let siblings: Vec<String> = fs::read_dir(f.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into())
+        .collect();
     assert_eq!(siblings, ["k2--k3--other"]);
 }
 
@@ -114,7 +121,10 @@ fn no_figures_and_custom_folders() {
     assert!(!env.ds().join("diffs").exists());
 
     env.ok(&["diff", "k2.toml", "k3.toml", "--out", "figs/ab"]);
-    assert_eq!(fs::read_to_string(env.path("figs/ab/b/sizes.tsv")).unwrap(), "label\tstage\tbytes\nk2\tb\t4096\nk3\tb\t4096\n");
+    assert_eq!(
+        fs::read_to_string(env.path("figs/ab/b/sizes.tsv")).unwrap(),
+        "label\tstage\tbytes\nk2\tb\t4096\nk3\tb\t4096\n"
+    );
     // A folder that no diff wrote is never replaced.
     let err = env.stderr(&["diff", "k2.toml", "k3.toml", "--out", "."], 2);
     assert!(err.contains("refusing to replace"), "{err}");
@@ -202,7 +212,11 @@ fn report_embeds_figures_and_fetches_nothing() {
     let (p, u) = (bare.find("alt=\"plot.png\"").unwrap(), bare.find("alt=\"unlisted.png\"").unwrap());
     assert!(p < u, "{bare}");
     // Metrics, parameters and a stage not run yet.
-    assert!(section("plot").contains("<tr><th>ratio</th><td class=\"num\">0.6667</td></tr>"), "{}", section("plot"));
+    assert!(
+        section("plot").contains("<tr><th>ratio</th><td class=\"num\">0.6667</td></tr>"),
+        "{}",
+        section("plot")
+    );
     assert!(section("src").contains("<tr><th><code>chunks</code></th><td><code>4</code></td></tr>"));
     assert!(section("later").contains("not run yet (run <code>pipe run "));
 

@@ -44,7 +44,11 @@ fn fake_hub(root: &Path) {
         let snap = snapshot(format!("datasets--{}", id.replace('/', "--")));
         std::fs::create_dir_all(snap.join("data")).unwrap();
         for split in ["train", "validation"] {
-            std::fs::copy(repo().join("pipelines/tiny/data").join(file), snap.join(format!("data/{split}.jsonl"))).unwrap();
+            std::fs::copy(
+                repo().join("pipelines/tiny/data").join(file),
+                snap.join(format!("data/{split}.jsonl")),
+            )
+            .unwrap();
         }
     }
 }
@@ -63,7 +67,10 @@ fn without_the_models_plan_names_each_missing_reference() {
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(2), "{err}");
         for id in pair.iter().chain(&DATASETS) {
-            assert!(err.contains(&format!("`{id}` is not in the Hugging Face cache")), "{name}: {id} not named:\n{err}");
+            assert!(
+                err.contains(&format!("`{id}` is not in the Hugging Face cache")),
+                "{name}: {id} not named:\n{err}"
+            );
             assert!(err.contains(&format!("hf download {id}")), "{name}: no download command for {id}");
         }
         assert!(err.contains(&format!("pipelines/{name}.toml:")), "{err}");
@@ -84,8 +91,18 @@ fn with_the_models_cached_the_papers_pipelines_plan_their_dag() {
         serde_json::from_slice(&o.stdout).unwrap()
     };
     let stages = [
-        "cache_web", "cache_chat", "cache_web_val", "cache_chat_val", "train_batchtopk", "train_l1",
-        "collect_batchtopk", "collect_l1", "scale_batchtopk", "scale_l1", "plot_batchtopk", "plot_l1",
+        "cache_web",
+        "cache_chat",
+        "cache_web_val",
+        "cache_chat_val",
+        "train_batchtopk",
+        "train_l1",
+        "collect_batchtopk",
+        "collect_l1",
+        "scale_batchtopk",
+        "scale_l1",
+        "plot_batchtopk",
+        "plot_l1",
     ];
     let mut train_keys = Vec::new();
     for (name, (layer, mu, betas, store)) in [
@@ -96,7 +113,8 @@ fn with_the_models_cached_the_papers_pipelines_plan_their_dag() {
         let file = pipeline(name);
         let plan = json(&["plan", &file, "--json"]);
         assert_eq!(plan["pipeline"], name, "{plan}");
-        let mut planned: Vec<&str> = plan["stages"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+        let mut planned: Vec<&str> =
+            plan["stages"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
         planned.sort();
         let mut want = stages.to_vec();
         want.sort();
@@ -105,23 +123,40 @@ fn with_the_models_cached_the_papers_pipelines_plan_their_dag() {
 
         let p = |stage: &str| json(&["show", &file, stage, "--json"])["params"].clone();
         let web = p("cache_web");
-        assert_eq!((web["layer"].as_u64(), web["store_dtype"].as_str()), (Some(layer), Some(store)), "{name}: {web}");
+        assert_eq!(
+            (web["layer"].as_u64(), web["store_dtype"].as_str()),
+            (Some(layer), Some(store)),
+            "{name}: {web}"
+        );
         assert_eq!(web["max_tokens"], 50_000_000);
         let chat = p("cache_chat");
         assert_eq!(chat["column"], if name == "gemma2b" { "text" } else { "text_llama3" }, "{name}");
         assert_eq!(chat["max_tokens"], if name == "gemma2b" { 100_000_000 } else { 50_000_000 });
         assert_eq!(p("cache_chat_val")["max_tokens"], 5_000_000);
         let (ignore, map) = if name == "gemma2b" { (0, "none") } else { (25, "llama3") };
-        assert_eq!((web["ignore_first_n"].as_u64(), web["base_token_map"].as_str()), (Some(ignore), Some(map)), "{name}");
+        assert_eq!(
+            (web["ignore_first_n"].as_u64(), web["base_token_map"].as_str()),
+            (Some(ignore), Some(map)),
+            "{name}"
+        );
         let bt = p("train_batchtopk");
-        assert_eq!((bt["loss"].as_str(), bt["k"].as_u64(), bt["expansion_factor"].as_u64()), (Some("batchtopk"), Some(100), Some(32)));
-        assert_eq!((bt["lr"].as_f64(), bt["batch_size"].as_u64(), bt["epochs"].as_u64()), (Some(1e-4), Some(2048), Some(2)));
+        assert_eq!(
+            (bt["loss"].as_str(), bt["k"].as_u64(), bt["expansion_factor"].as_u64()),
+            (Some("batchtopk"), Some(100), Some(32))
+        );
+        assert_eq!(
+            (bt["lr"].as_f64(), bt["batch_size"].as_u64(), bt["epochs"].as_u64()),
+            (Some(1e-4), Some(2048), Some(2))
+        );
         assert_eq!((bt["warmup_steps"].as_u64(), bt["seed"].as_u64()), (Some(1000), Some(42)));
         let l1 = p("train_l1");
         assert_eq!((l1["loss"].as_str(), l1["mu"].as_f64()), (Some("l1"), Some(mu)), "{name}");
         assert_eq!(p("scale_l1")["tokens_per_cache"], betas, "{name}");
         assert_eq!(p("scale_batchtopk")["tokens_per_cache"], betas, "{name}");
-        train_keys.push(plan["stages"].as_array().unwrap().iter().find(|s| s["name"] == "train_l1").unwrap()["key"].clone());
+        train_keys.push(
+            plan["stages"].as_array().unwrap().iter().find(|s| s["name"] == "train_l1").unwrap()["key"]
+                .clone(),
+        );
     }
     // The same tiny files stand in for every pair here, so only the settings tell the pipelines
     // apart: three different training keys.

@@ -19,7 +19,10 @@ fn tiny_toml() -> String {
 fn two_tiny_configs(env: &Env) {
     let a = tiny_toml();
     assert!(a.contains("\nk = 4\n") && a.contains("name = \"tiny\""));
-    let b = a.replace("\nk = 4\n", "\nk = 3\n").replace("name = \"tiny\"", "name = \"tiny-k3\"").replace("k = 4\"", "k = 3\"");
+    let b = a
+        .replace("\nk = 4\n", "\nk = 3\n")
+        .replace("name = \"tiny\"", "name = \"tiny-k3\"")
+        .replace("k = 4\"", "k = 3\"");
     env.write("tiny.toml", &a);
     env.write("tiny-k3.toml", &b);
     env.ok(&["run", "tiny.toml"]);
@@ -51,11 +54,14 @@ fn png_ink(path: &Path) -> (u32, u32, f64, usize) {
 }
 
 fn check_figures(out: &Path) {
-    let index: serde_json::Value = serde_json::from_str(&fs::read_to_string(out.join("figures.json")).unwrap()).unwrap();
+    let index: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(out.join("figures.json")).unwrap()).unwrap();
     let listed: Vec<&str> = index.as_array().unwrap().iter().map(|f| f["file"].as_str().unwrap()).collect();
     assert_eq!(listed, FIGURES.map(|f| format!("{f}.png")), "{index}");
     for entry in index.as_array().unwrap() {
-        assert!(!entry["title"].as_str().unwrap().is_empty() && !entry["caption"].as_str().unwrap().is_empty());
+        assert!(
+            !entry["title"].as_str().unwrap().is_empty() && !entry["caption"].as_str().unwrap().is_empty()
+        );
     }
     for stem in FIGURES {
         let (w, h, ink, colours) = png_ink(&out.join(format!("{stem}.png")));
@@ -64,7 +70,10 @@ fn check_figures(out: &Path) {
         let svg = fs::read_to_string(out.join(format!("{stem}.svg"))).unwrap();
         let doc = roxmltree::Document::parse(&svg).unwrap_or_else(|e| panic!("{stem}.svg: {e}"));
         let texts = doc.descendants().filter(|n| n.has_tag_name("text")).count();
-        let marks = doc.descendants().filter(|n| n.has_tag_name("rect") || n.has_tag_name("circle") || n.has_tag_name("polyline")).count();
+        let marks = doc
+            .descendants()
+            .filter(|n| n.has_tag_name("rect") || n.has_tag_name("circle") || n.has_tag_name("polyline"))
+            .count();
         assert!(texts > 10 && marks > 5, "{stem}.svg: {texts} texts, {marks} marks");
     }
 }
@@ -72,8 +81,18 @@ fn check_figures(out: &Path) {
 /// Metrics whose values follow from the data and parameters alone (token and step counts), the
 /// same on every machine; the others depend on floating-point rounding (CPU kernels differ) or on
 /// time, and are masked.
-const EXACT_METRICS: [&str; 10] =
-    ["d_model", "docs", "shards", "tokens", "dict_size", "steps", "train/step", "val/step", "sequences", "figures"];
+const EXACT_METRICS: [&str; 10] = [
+    "d_model",
+    "docs",
+    "shards",
+    "tokens",
+    "dict_size",
+    "steps",
+    "train/step",
+    "val/step",
+    "sequences",
+    "figures",
+];
 
 /// Masks what differs between machines and runs: the temporary folder, keys, and the values of
 /// metrics not in [`EXACT_METRICS`]. Columns are re-spaced so the masked table does not depend on
@@ -91,7 +110,9 @@ fn mask_text(text: &str, tmp: &Path) -> String {
         let words: Vec<String> = line
             .split_whitespace()
             .map(|w| {
-                let hex = w.len() >= 12 && w.chars().all(|c| c.is_ascii_hexdigit()) && w.chars().any(|c| c.is_ascii_digit());
+                let hex = w.len() >= 12
+                    && w.chars().all(|c| c.is_ascii_hexdigit())
+                    && w.chars().any(|c| c.is_ascii_digit());
                 if hex {
                     "[key]".to_string()
                 } else if in_metrics && !exact && w.parse::<f64>().is_ok() {
@@ -152,14 +173,19 @@ fn tiny_figures_diff_and_report() {
 
     // As JSON: the same comparison, values masked.
     let mut v = env.json(&["diff", "tiny.toml", "tiny-k3.toml"]);
-    let k = v["params"].as_array().unwrap().iter().find(|p| p["stage"] == "train" && p["path"] == "k").cloned();
+    let k =
+        v["params"].as_array().unwrap().iter().find(|p| p["stage"] == "train" && p["path"] == "k").cloned();
     assert_eq!(k.map(|p| p["values"].clone()), Some(serde_json::json!([4, 3])), "{v}");
     // The latent class and chat-specific counts of both configs, side by side: the planted
     // chat-only direction is found by both.
     for (stage, metric) in [("collect", "latents/chat_only"), ("scale", "chat_specific")] {
-        let m = v["metrics"].as_array().unwrap().iter().find(|m| m["stage"] == stage && m["metric"] == metric);
+        let m =
+            v["metrics"].as_array().unwrap().iter().find(|m| m["stage"] == stage && m["metric"] == metric);
         let values = m.map(|m| m["values"].clone()).unwrap_or_default();
-        assert!(values.as_array().is_some_and(|a| a.len() == 2 && a.iter().all(|x| x.as_u64() >= Some(1))), "{stage} {metric}: {values}");
+        assert!(
+            values.as_array().is_some_and(|a| a.len() == 2 && a.iter().all(|x| x.as_u64() >= Some(1))),
+            "{stage} {metric}: {values}"
+        );
     }
     for m in v["metrics"].as_array_mut().unwrap() {
         if EXACT_METRICS.contains(&m["metric"].as_str().unwrap()) {
@@ -168,7 +194,9 @@ fn tiny_figures_diff_and_report() {
         for field in ["values", "delta"] {
             if let Some(x) = m.get_mut(field) {
                 match x {
-                    serde_json::Value::Array(a) => a.iter_mut().filter(|x| x.is_number()).for_each(|x| *x = "#".into()),
+                    serde_json::Value::Array(a) => {
+                        a.iter_mut().filter(|x| x.is_number()).for_each(|x| *x = "#".into())
+                    }
                     x if x.is_number() => *x = "#".into(),
                     _ => {}
                 }
@@ -183,7 +211,11 @@ fn tiny_figures_diff_and_report() {
     let page = env.ok(&["report", "tiny.toml"]);
     let html = fs::read_to_string(page.trim()).unwrap();
     assert!(!html.contains("http://") && !html.contains("https://") && !html.contains("<script"));
-    assert_eq!(html.matches("<img src=\"data:image/png;base64,").count(), FIGURES.len(), "one image per figure");
+    assert_eq!(
+        html.matches("<img src=\"data:image/png;base64,").count(),
+        FIGURES.len(),
+        "one image per figure"
+    );
     assert!(html.contains("Relative decoder norm difference"));
 
     // Bad parameters are refused before anything runs; class bands that disagree with the
@@ -192,7 +224,8 @@ fn tiny_figures_diff_and_report() {
     env.write("p.toml", &bad);
     let err = env.stderr(&["plan", "p.toml"], 2);
     assert!(err.contains("width") && err.contains("between 400 and 8000"), "{err}");
-    let bad = tiny_toml().replace("label = \"tiny Llama, BatchTopK k = 4\"", "classes = { chat_only = 0.95 }");
+    let bad =
+        tiny_toml().replace("label = \"tiny Llama, BatchTopK k = 4\"", "classes = { chat_only = 0.95 }");
     env.write("q.toml", &bad);
     let err = env.stderr(&["run", "q.toml"], 1);
     assert!(err.contains("plot") && err.contains("`scale`") && err.contains("classes"), "{err}");

@@ -230,7 +230,13 @@ impl ConfigErrors {
             let note = (!more.is_empty()).then(|| {
                 let places: Vec<String> = more
                     .iter()
-                    .map(|e| if e.key_path.is_empty() { e.location() } else { format!("{} ({})", e.key_path, e.location()) })
+                    .map(|e| {
+                        if e.key_path.is_empty() {
+                            e.location()
+                        } else {
+                            format!("{} ({})", e.key_path, e.location())
+                        }
+                    })
                     .collect();
                 format!("the same at {}", places.join(", "))
             });

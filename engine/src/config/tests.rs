@@ -851,10 +851,17 @@ fn a_repeated_error_is_shown_once_with_its_other_places() {
     assert_eq!(out.matches("`org/nope` is neither").count(), 1, "{out}");
     assert_eq!(out.matches("`org/other` is neither").count(), 1, "{out}");
     assert!(
-        out.contains("note: the same at stages.b.base (pipelines/x.toml:9:8), stages.c.extra (pipelines/x.toml:14:9)"),
+        out.contains(
+            "note: the same at stages.b.base (pipelines/x.toml:9:8), stages.c.extra (pipelines/x.toml:14:9)"
+        ),
         "{out}"
     );
-    assert!(out.contains("note: the same at stages.b.extra (pipelines/x.toml:10:9), stages.c.base (pipelines/x.toml:13:8)"), "{out}");
+    assert!(
+        out.contains(
+            "note: the same at stages.b.extra (pipelines/x.toml:10:9), stages.c.base (pipelines/x.toml:13:8)"
+        ),
+        "{out}"
+    );
     assert!(out.ends_with("error: 6 errors in pipelines/x.toml (2 distinct)"), "{out}");
 }
 

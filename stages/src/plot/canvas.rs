@@ -65,7 +65,13 @@ pub struct Sizes {
 impl Sizes {
     pub fn for_height(height: u32) -> Sizes {
         let s = height as f64 / 1000.0;
-        Sizes { title: 40.0 * s, label: 32.0 * s, tick: 26.0 * s, legend: 26.0 * s, line: (3.0 * s).round().max(1.0) as u32 }
+        Sizes {
+            title: 40.0 * s,
+            label: 32.0 * s,
+            tick: 26.0 * s,
+            legend: 26.0 * s,
+            line: (3.0 * s).round().max(1.0) as u32,
+        }
     }
     pub fn px(&self, base: f64) -> u32 {
         (base * self.title / 40.0).round() as u32
@@ -122,7 +128,12 @@ pub fn e<E: std::fmt::Display>(e: E) -> String {
 }
 
 /// Renders `fig` as `<dir>/<stem>.<ext>` for each format; returns the files written.
-pub fn render(fig: &impl Figure, dir: &Path, stem: &str, formats: &[Format]) -> Result<Vec<PathBuf>, PlotError> {
+pub fn render(
+    fig: &impl Figure,
+    dir: &Path,
+    stem: &str,
+    formats: &[Format],
+) -> Result<Vec<PathBuf>, PlotError> {
     ensure_font();
     let mut written = Vec::new();
     for f in formats {
@@ -172,7 +183,8 @@ pub fn edge(lo: f64, hi: f64, bins: usize, i: usize) -> f64 {
 
 /// Pearson's correlation of the pairs where both are finite; `None` under 3 pairs or no spread.
 pub fn pearson(x: &[f64], y: &[f64]) -> Option<f64> {
-    let pairs: Vec<(f64, f64)> = x.iter().zip(y).filter(|(a, b)| a.is_finite() && b.is_finite()).map(|(a, b)| (*a, *b)).collect();
+    let pairs: Vec<(f64, f64)> =
+        x.iter().zip(y).filter(|(a, b)| a.is_finite() && b.is_finite()).map(|(a, b)| (*a, *b)).collect();
     if pairs.len() < 3 {
         return None;
     }
@@ -285,7 +297,19 @@ mod tests {
         assert_eq!(fmt_num(0.12345), "0.123");
         assert_eq!(fmt_num(12.345), "12.3");
         assert_eq!(fmt_num(0.000123), "1.23e-4");
-        for (v, s) in [(0.1, "0.1"), (0.30000000000000004, "0.3"), (1.0, "1"), (-0.8, "-0.8"), (4.5, "4.5"), (1000.0, "1000"), (0.001, "0.001"), (1e-5, "1e-5"), (2.5e6, "2.5e6"), (-1e-15, "0"), (123456.0, "123456")] {
+        for (v, s) in [
+            (0.1, "0.1"),
+            (0.30000000000000004, "0.3"),
+            (1.0, "1"),
+            (-0.8, "-0.8"),
+            (4.5, "4.5"),
+            (1000.0, "1000"),
+            (0.001, "0.001"),
+            (1e-5, "1e-5"),
+            (2.5e6, "2.5e6"),
+            (-1e-15, "0"),
+            (123456.0, "123456"),
+        ] {
             assert_eq!(fmt_tick(v), s, "{v}");
         }
     }

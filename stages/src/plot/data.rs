@@ -105,8 +105,12 @@ impl Latents {
 
     /// Which `classes` entries disagree with the table's own `class` column (thresholds that differ
     /// from the ones the upstream stage used): (latent, table's class, ours).
-    pub fn class_mismatch(t: &LatentTable, thresholds: &ClassThresholds) -> Option<(usize, String, &'static str)> {
-        let (Some(crate::latents::Column::Str(names)), Some(delta)) = (t.get("class"), t.f64s("delta_norm")) else {
+    pub fn class_mismatch(
+        t: &LatentTable,
+        thresholds: &ClassThresholds,
+    ) -> Option<(usize, String, &'static str)> {
+        let (Some(crate::latents::Column::Str(names)), Some(delta)) = (t.get("class"), t.f64s("delta_norm"))
+        else {
             return None;
         };
         names.iter().zip(&delta).enumerate().find_map(|(j, (name, d))| {
@@ -144,10 +148,10 @@ impl TrainLog {
                 _ => &mut log.train,
             };
             for (k, x) in v.as_object().into_iter().flatten() {
-                if let (false, Some(x)) = (k == "step", x.as_f64()) {
-                    if x.is_finite() {
-                        series.metrics.entry(k.clone()).or_default().push((step, x));
-                    }
+                if let (false, Some(x)) = (k == "step", x.as_f64())
+                    && x.is_finite()
+                {
+                    series.metrics.entry(k.clone()).or_default().push((step, x));
                 }
             }
         }
@@ -171,8 +175,11 @@ mod tests {
         t.push("delta_norm", Column::F64(vec![0.95, 0.5, 0.05, 0.7])).unwrap();
         t.push("dec_cos_sim", Column::F64(vec![0.1, 0.99, 0.2, 0.5])).unwrap();
         t.push("count_active", Column::I64(vec![3, 5, 0, 1])).unwrap();
-        t.push("class", Column::Str(["Chat only", "Shared", "Base only", "Other"].map(String::from).to_vec()))
-            .unwrap();
+        t.push(
+            "class",
+            Column::Str(["Chat only", "Shared", "Base only", "Other"].map(String::from).to_vec()),
+        )
+        .unwrap();
         let th = ClassThresholds::default();
         let l = Latents::from_table(&t, "x", &th).unwrap();
         assert_eq!(l.dead, [false, false, true, false]);

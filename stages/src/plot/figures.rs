@@ -3,7 +3,9 @@
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use super::canvas::{Figure, Sizes, e, edge, fmt_num, fmt_tick, histogram, nice_max, palette, pearson, title_of, titled};
+use super::canvas::{
+    Figure, Sizes, e, edge, fmt_num, fmt_tick, histogram, nice_max, palette, pearson, title_of, titled,
+};
 use super::data::{Latents, TrainLog};
 use crate::latents::{Class, ClassThresholds};
 
@@ -124,7 +126,9 @@ impl Figure for DeltaNorm<'_> {
         let ticks = [0.0, t.base_only, t.shared_low, 0.5, t.shared_high, t.chat_only, 1.0];
         mesh!(chart, s, "Δₙₒᵣₘ (relative norm of the chat decoder)", "Latents")
             .x_labels(21)
-            .x_label_formatter(&|v| if ticks.iter().any(|x| (x - v).abs() < 1e-9) { fmt_tick(*v) } else { String::new() })
+            .x_label_formatter(&|v| {
+                if ticks.iter().any(|x| (x - v).abs() < 1e-9) { fmt_tick(*v) } else { String::new() }
+            })
             .y_label_formatter(&|v| fmt_tick(*v))
             .draw()
             .map_err(e)?;
@@ -216,7 +220,8 @@ impl Figure for DeltaNormOverlay<'_> {
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<(), String> {
         let s = Sizes::for_height(self.size.1);
         let t = self.thresholds;
-        let hists: Vec<Vec<f64>> = self.runs.iter().map(|l| histogram(l.alive_delta_norm(), 0.0, 1.0, 100)).collect();
+        let hists: Vec<Vec<f64>> =
+            self.runs.iter().map(|l| histogram(l.alive_delta_norm(), 0.0, 1.0, 100)).collect();
         let top = hists.iter().flatten().cloned().fold(1.0, f64::max);
         let ymax = nice_max(top, 1.35);
         let mut chart = ChartBuilder::on(root)
@@ -291,15 +296,19 @@ impl Figure for NuScatter<'_> {
             ("Shared latents", pick(&nu.shared), palette::SHARED),
         ];
         let (w, h) = root.dim_in_pixel();
-        let area = titled(root, &title_of("Latent Scaling: νᵋ against νʳ", &self.latents.label), s.title_font()).map_err(e)?;
+        let area =
+            titled(root, &title_of("Latent Scaling: νᵋ against νʳ", &self.latents.label), s.title_font())
+                .map_err(e)?;
         let (top, bottom) = area.split_vertically((h as f64 * 0.22) as u32);
         let main_w = (w as f64 * 0.78) as u32;
         let (top_left, top_right) = top.split_horizontally(main_w);
         let (main, right) = bottom.split_horizontally(main_w);
         let (margin, left, below) = (s.px(16.0), s.px(110.0), s.px(90.0));
         let bins = 50;
-        let hx: Vec<Vec<f64>> = groups.iter().map(|g| histogram(g.1.iter().map(|p| p.0), 0.0, max, bins)).collect();
-        let hy: Vec<Vec<f64>> = groups.iter().map(|g| histogram(g.1.iter().map(|p| p.1), 0.0, max, bins)).collect();
+        let hx: Vec<Vec<f64>> =
+            groups.iter().map(|g| histogram(g.1.iter().map(|p| p.0), 0.0, max, bins)).collect();
+        let hy: Vec<Vec<f64>> =
+            groups.iter().map(|g| histogram(g.1.iter().map(|p| p.1), 0.0, max, bins)).collect();
         let cmax = nice_max(hx.iter().chain(&hy).flatten().cloned().fold(1.0, f64::max), 1.05);
 
         let mut chart = ChartBuilder::on(&main)
@@ -398,7 +407,9 @@ impl Figure for NuHistograms<'_> {
         let area = titled(root, &self.title, s.title_font()).map_err(e)?;
         let panels = area.split_evenly((1, 2));
         let (lo, hi) = self.range;
-        for (panel, (values, name)) in panels.iter().zip([(&nu.error, "νᵋ (error)"), (&nu.reconstruction, "νʳ (reconstruction)")]) {
+        for (panel, (values, name)) in
+            panels.iter().zip([(&nu.error, "νᵋ (error)"), (&nu.reconstruction, "νʳ (reconstruction)")])
+        {
             let hists: Vec<Vec<f64>> = self
                 .sets
                 .iter()
@@ -495,7 +506,12 @@ impl Figure for BelowThreshold<'_> {
                     segments.push(Vec::new());
                 }
             }
-            let label = format!("{} ({} at π = 0.2, {} at 0.5, of {size})", l.label, fmt_num(at(0.2)), fmt_num(at(0.5)));
+            let label = format!(
+                "{} ({} at π = 0.2, {} at 0.5, of {size})",
+                l.label,
+                fmt_num(at(0.2)),
+                fmt_num(at(0.5))
+            );
             let mut first = true;
             for seg in segments.into_iter().filter(|s| !s.is_empty()) {
                 let drawn = chart.draw_series(LineSeries::new(seg, color.stroke_width(s.line))).map_err(e)?;
@@ -539,8 +555,10 @@ impl Figure for DecoderCosine<'_> {
         let groups: Vec<(Class, Vec<f64>, usize)> = order
             .iter()
             .map(|c| {
-                let values: Vec<f64> =
-                    (0..l.len()).filter(|j| !l.dead[*j] && l.classes[*j] == *c).map(|j| l.cos_sim[j]).collect();
+                let values: Vec<f64> = (0..l.len())
+                    .filter(|j| !l.dead[*j] && l.classes[*j] == *c)
+                    .map(|j| l.cos_sim[j])
+                    .collect();
                 let mut h = histogram(values.iter().copied(), -1.0, 1.0, bins);
                 let total: f64 = h.iter().sum();
                 if total > 0.0 {
@@ -619,8 +637,12 @@ impl Figure for FrequencyVsNu<'_> {
             if hi - lo < 2 { (hi - 2, hi) } else { (lo, hi) }
         };
         let (flo, fhi) = (10f64.powi(lo_dec) * 0.999, 10f64.powi(hi_dec) * 1.001);
-        let area = titled(root, &title_of("Activation frequency against ν, chat-only latents", &l.label), s.title_font())
-            .map_err(e)?;
+        let area = titled(
+            root,
+            &title_of("Activation frequency against ν, chat-only latents", &l.label),
+            s.title_font(),
+        )
+        .map_err(e)?;
         let panels = area.split_evenly((1, 2));
         for (panel, (values, name, sym)) in panels
             .iter()
@@ -630,7 +652,8 @@ impl Figure for FrequencyVsNu<'_> {
             let finite: Vec<f64> = ys.iter().copied().filter(|y| y.is_finite()).collect();
             let ylo = finite.iter().cloned().fold(0.0, f64::min).max(-1.0);
             let yhi = finite.iter().cloned().fold(1.1, f64::max).min(2.0);
-            let r = pearson(&f, &ys).map_or("n/a".to_string(), |r| format!("{:.2}", if r.abs() < 0.005 { 0.0 } else { r }));
+            let r = pearson(&f, &ys)
+                .map_or("n/a".to_string(), |r| format!("{:.2}", if r.abs() < 0.005 { 0.0 } else { r }));
             let mut chart = ChartBuilder::on(panel)
                 .caption(format!("{sym}: Pearson r = {r} (n = {})", finite.len()), s.label_font())
                 .margin(s.px(20.0))
@@ -702,11 +725,15 @@ impl Figure for Training<'_> {
         let cells = area.split_evenly((2, 2));
         let single = self.runs.len() == 1;
         for (idx, (cell, (metric, name))) in cells.iter().zip(&panels).enumerate() {
-            let pts: Vec<&(f64, f64)> =
-                self.runs.iter().flat_map(|r| r.get(false, metric).iter().chain(r.get(true, metric))).collect();
+            let pts: Vec<&(f64, f64)> = self
+                .runs
+                .iter()
+                .flat_map(|r| r.get(false, metric).iter().chain(r.get(true, metric)))
+                .collect();
             let xmax = pts.iter().map(|p| p.0).fold(1.0, f64::max);
             let (ylo, yhi) = pts.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
-            let (ylo, yhi) = if ylo > yhi { (0.0, 1.0) } else { (ylo.min(0.0), nice_max(yhi.max(1e-9), 1.08)) };
+            let (ylo, yhi) =
+                if ylo > yhi { (0.0, 1.0) } else { (ylo.min(0.0), nice_max(yhi.max(1e-9), 1.08)) };
             let mut chart = ChartBuilder::on(cell)
                 .caption(*name, s.label_font())
                 .margin(s.px(18.0))
@@ -722,7 +749,11 @@ impl Figure for Training<'_> {
                 .draw()
                 .map_err(e)?;
             for (i, run) in self.runs.iter().enumerate() {
-                let (tc, vc) = if single { (palette::series(0), palette::series(1)) } else { (palette::series(i), palette::series(i)) };
+                let (tc, vc) = if single {
+                    (palette::series(0), palette::series(1))
+                } else {
+                    (palette::series(i), palette::series(i))
+                };
                 let train = run.get(false, metric);
                 let val = run.get(true, metric);
                 let (tl, vl) = if single {
@@ -732,14 +763,19 @@ impl Figure for Training<'_> {
                 };
                 if !train.is_empty() {
                     chart
-                        .draw_series(LineSeries::new(train.iter().copied(), tc.mix(0.85).stroke_width(s.line.max(2) - 1)))
+                        .draw_series(LineSeries::new(
+                            train.iter().copied(),
+                            tc.mix(0.85).stroke_width(s.line.max(2) - 1),
+                        ))
                         .map_err(e)?
                         .label(tl)
                         .legend(legend_line(tc, s));
                 }
                 if !val.is_empty() {
                     let style = vc.filled();
-                    chart.draw_series(LineSeries::new(val.iter().copied(), vc.stroke_width(s.line))).map_err(e)?;
+                    chart
+                        .draw_series(LineSeries::new(val.iter().copied(), vc.stroke_width(s.line)))
+                        .map_err(e)?;
                     chart
                         .draw_series(val.iter().map(|p| Circle::new(*p, s.px(6.0) as i32, style)))
                         .map_err(e)?;

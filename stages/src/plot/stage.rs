@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 use super::canvas::{Figure, Format, palette, render, title_of};
 use super::data::{Latents, TrainLog};
 use super::figures::{
-    BelowThreshold, DecoderCosine, DeltaNorm, DeltaNormOverlay, FrequencyVsNu, NuHistograms, NuScatter, Training,
+    BelowThreshold, DecoderCosine, DeltaNorm, DeltaNormOverlay, FrequencyVsNu, NuHistograms, NuScatter,
+    Training,
 };
 use crate::latents::{ClassThresholds, LatentTable};
 
@@ -88,7 +89,12 @@ impl Stage for PlotStage {
                 Arity::Many,
                 "Latent tables; the first is drawn alone, all appear in the threshold curves.",
             ),
-            InputSpec::stage_of("training", &["train"], Arity::OptionalMany, "Training runs whose curves are drawn."),
+            InputSpec::stage_of(
+                "training",
+                &["train"],
+                Arity::OptionalMany,
+                "Training runs whose curves are drawn.",
+            ),
         ]
     }
 
@@ -98,14 +104,22 @@ impl Stage for PlotStage {
         }
         for (name, v, lo) in [("width", p.width, 400), ("height", p.height, 300)] {
             if !(lo..=8000).contains(&v) {
-                return Err(ParamError::new(&[name], format!("must be between {lo} and 8000 pixels, got {v}")));
+                return Err(ParamError::new(
+                    &[name],
+                    format!("must be between {lo} and 8000 pixels, got {v}"),
+                ));
             }
         }
-        if !(p.nu_max > 0.0) {
+        if p.nu_max.is_nan() || p.nu_max <= 0.0 {
             return Err(ParamError::new(&["nu_max"], "must be positive"));
         }
         let c = &p.classes;
-        if !(0.0 <= c.base_only && c.base_only <= c.shared_low && c.shared_low <= c.shared_high && c.shared_high <= c.chat_only && c.chat_only <= 1.0) {
+        if !(0.0 <= c.base_only
+            && c.base_only <= c.shared_low
+            && c.shared_low <= c.shared_high
+            && c.shared_high <= c.chat_only
+            && c.chat_only <= 1.0)
+        {
             return Err(ParamError::new(
                 &["classes"],
                 "needs 0 ≤ base_only ≤ shared_low ≤ shared_high ≤ chat_only ≤ 1",
@@ -140,7 +154,8 @@ impl Stage for PlotStage {
         let mut logs = Vec::new();
         let train_ups = ctx.inputs("training").to_vec();
         for u in &train_ups {
-            let label = if train_ups.len() > 1 { u.stage.clone() } else { suffix.clone().unwrap_or_default() };
+            let label =
+                if train_ups.len() > 1 { u.stage.clone() } else { suffix.clone().unwrap_or_default() };
             logs.push(
                 TrainLog::read(&u.dir.join("metrics.jsonl"), &label)
                     .map_err(|e| StageError::failed(format!("input `{}`: {e}", u.stage)))?,
@@ -148,7 +163,8 @@ impl Stage for PlotStage {
         }
         let index = draw_figures(p, &tables, &logs, &out)?;
         let json = serde_json::to_vec_pretty(&index).map_err(StageError::other)?;
-        std::fs::write(out.join("figures.json"), json).map_err(|e| StageError::io(out.join("figures.json").display(), e))?;
+        std::fs::write(out.join("figures.json"), json)
+            .map_err(|e| StageError::io(out.join("figures.json").display(), e))?;
         ctx.record_metric("figures", index.len());
         Ok(())
     }
@@ -169,7 +185,10 @@ pub fn draw_figures(
     let mut add = |fig: &dyn Fn(&Path) -> Result<Vec<PathBuf>, StageError>, title: &str, caption: String| {
         let files = fig(out)?;
         index.push(entry(&files, title, caption));
-        tracing::info!("wrote {}", files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "));
+        tracing::info!(
+            "wrote {}",
+            files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
+        );
         Ok::<(), StageError>(())
     };
     let with_label = |title: &str| match &p.label {
@@ -188,7 +207,14 @@ pub fn draw_figures(
         )
     };
     add(
-        &|o| draw(&DeltaNorm { latents: first, thresholds: &p.classes, size: one }, o, "delta_norm", &p.formats),
+        &|o| {
+            draw(
+                &DeltaNorm { latents: first, thresholds: &p.classes, size: one },
+                o,
+                "delta_norm",
+                &p.formats,
+            )
+        },
         &with_label("Relative decoder norm difference Δ_norm"),
         format!(
             "Δ_norm over the {alive} non-dead of {} latents, 100 bins: {}{}. Dashed lines: class boundaries; inset: the chat-only band, 20 bins.",
@@ -274,7 +300,14 @@ pub fn draw_figures(
     }
     if !logs.is_empty() {
         add(
-            &|o| draw(&Training { runs: &logs, size: (p.width * 2, p.height * 2 * 7 / 10) }, o, "training", &p.formats),
+            &|o| {
+                draw(
+                    &Training { runs: logs, size: (p.width * 2, p.height * 2 * 7 / 10) },
+                    o,
+                    "training",
+                    &p.formats,
+                )
+            },
             &with_label("Training curves"),
             "From metrics.jsonl: training batches (lines) and validation (lines with markers).".into(),
         )?;
@@ -309,10 +342,16 @@ pub fn compare_latents(outputs: &[Compared], dest: &Path) -> Result<Vec<PathBuf>
         .map_err(StageError::failed)?;
     let formats = default_formats();
     let size = (default_width(), default_height());
-    let mut files = draw(&DeltaNormOverlay { runs: &runs, thresholds: &thresholds, size }, dest, "delta_norm", &formats)?;
+    let mut files =
+        draw(&DeltaNormOverlay { runs: &runs, thresholds: &thresholds, size }, dest, "delta_norm", &formats)?;
     let with_nu: Vec<&Latents> = runs.iter().filter(|l| l.nu.is_some()).collect();
     if with_nu.len() >= 2 {
-        files.extend(draw(&BelowThreshold { runs: with_nu, size }, dest, "latents_below_threshold", &formats)?);
+        files.extend(draw(
+            &BelowThreshold { runs: with_nu, size },
+            dest,
+            "latents_below_threshold",
+            &formats,
+        )?);
     }
     Ok(files)
 }

@@ -35,7 +35,11 @@ pub fn synthetic_table(n: usize, seed: u64) -> LatentTable {
         let d = d.clamp(0.0, 1.0);
         delta_norm.push(d);
         let shared_like = (0.4..0.6).contains(&d);
-        cos_sim.push(if shared_like { 1.0 - normal(&mut r, 0.0, 0.05).abs() } else { r.next_f64() * 1.2 - 0.2 });
+        cos_sim.push(if shared_like {
+            1.0 - normal(&mut r, 0.0, 0.05).abs()
+        } else {
+            r.next_f64() * 1.2 - 0.2
+        });
         dead.push(r.next_f64() < 0.02);
     }
     let classes: Vec<Class> = delta_norm.iter().map(|d| Class::of(*d, &t)).collect();

@@ -9,8 +9,8 @@ use plotters::style::RGBColor;
 use super::canvas::{Figure, Format, palette, render};
 use super::data::{Latents, TrainLog};
 use super::figures::{
-    BelowThreshold, DecoderCosine, DeltaNorm, DeltaNormOverlay, FrequencyVsNu, NuHistograms, NuScatter, Training,
-    below_threshold,
+    BelowThreshold, DecoderCosine, DeltaNorm, DeltaNormOverlay, FrequencyVsNu, NuHistograms, NuScatter,
+    Training, below_threshold,
 };
 use super::synthetic::{synthetic_metrics, synthetic_table};
 use crate::latents::{Class, ClassThresholds};
@@ -77,9 +77,13 @@ fn check(fig: &impl Figure, dir: &Path, stem: &str, title: &str, colors: &[RGBCo
     }
     let svg = std::fs::read_to_string(&files[1]).unwrap();
     let doc = roxmltree::Document::parse(&svg).unwrap_or_else(|e| panic!("{stem}.svg: {e}"));
-    let texts: String = doc.descendants().filter(|n| n.has_tag_name("text")).filter_map(|n| n.text()).collect();
+    let texts: String =
+        doc.descendants().filter(|n| n.has_tag_name("text")).filter_map(|n| n.text()).collect();
     assert!(texts.contains(title), "{stem}.svg has no title {title:?}");
-    let marks = doc.descendants().filter(|n| ["rect", "circle", "polyline", "line", "path"].iter().any(|t| n.has_tag_name(*t))).count();
+    let marks = doc
+        .descendants()
+        .filter(|n| ["rect", "circle", "polyline", "line", "path"].iter().any(|t| n.has_tag_name(*t)))
+        .count();
     assert!(marks > 20, "{stem}.svg: {marks} marks");
     png
 }
@@ -101,13 +105,22 @@ fn every_figure_renders_in_both_formats_and_is_not_blank() {
         "Relative decoder norm difference",
         &[palette::SHARED, palette::CHAT_SPECIFIC, palette::BASE_ONLY, palette::OTHER],
     );
-    check(&DeltaNormOverlay { runs: &[a.clone(), b.clone()], thresholds: &t, size: one }, &dir, "delta_norm_overlay", "L1", &[palette::series(0), palette::series(1)]);
+    check(
+        &DeltaNormOverlay { runs: &[a.clone(), b.clone()], thresholds: &t, size: one },
+        &dir,
+        "delta_norm_overlay",
+        "L1",
+        &[palette::series(0), palette::series(1)],
+    );
     check(&NuScatter { latents: &a, max: 1.1, size: one }, &dir, "nu_scatter", "Latent Scaling", &[]);
     check(
         &NuHistograms {
             title: "ν ratios".into(),
             latents: &a,
-            sets: vec![("Chat only".into(), nu.chat_only.clone(), palette::CHAT_ONLY), ("Shared".into(), nu.shared.clone(), palette::SHARED)],
+            sets: vec![
+                ("Chat only".into(), nu.chat_only.clone(), palette::CHAT_ONLY),
+                ("Shared".into(), nu.shared.clone(), palette::SHARED),
+            ],
             range: (-0.1, 1.1),
             bins: 100,
             size: two,
@@ -117,7 +130,13 @@ fn every_figure_renders_in_both_formats_and_is_not_blank() {
         "ν ratios",
         &[],
     );
-    check(&BelowThreshold { runs: vec![&a, &b], size: one }, &dir, "latents_below_threshold", "BatchTopK", &[palette::series(0), palette::series(1)]);
+    check(
+        &BelowThreshold { runs: vec![&a, &b], size: one },
+        &dir,
+        "latents_below_threshold",
+        "BatchTopK",
+        &[palette::series(0), palette::series(1)],
+    );
     check(
         &DecoderCosine { latents: &a, size: one },
         &dir,
@@ -127,8 +146,20 @@ fn every_figure_renders_in_both_formats_and_is_not_blank() {
     );
     check(&FrequencyVsNu { latents: &a, size: two }, &dir, "frequency_vs_nu", "Pearson r", &[]);
     let logs = [training_log("BatchTopK", 1.0), training_log("L1", 1.3)];
-    check(&Training { runs: &logs[..1], size: (3200, 1400) }, &dir, "training", "Training", &[palette::series(0), palette::series(1)]);
-    check(&Training { runs: &logs, size: (3200, 1400) }, &dir, "training_overlay", "L1 validation", &[palette::series(0), palette::series(1)]);
+    check(
+        &Training { runs: &logs[..1], size: (3200, 1400) },
+        &dir,
+        "training",
+        "Training",
+        &[palette::series(0), palette::series(1)],
+    );
+    check(
+        &Training { runs: &logs, size: (3200, 1400) },
+        &dir,
+        "training_overlay",
+        "L1 validation",
+        &[palette::series(0), palette::series(1)],
+    );
 }
 
 #[test]
@@ -140,7 +171,9 @@ fn below_threshold_counts_latents_under_both_ratios() {
     assert_eq!(curve[0], (0.0, 0.0));
     let at = |i: usize| curve[i].1 as usize;
     let brute = |pi: f64| {
-        (0..l.len()).filter(|j| nu.chat_only[*j] && nu.error[*j].abs() < pi && nu.reconstruction[*j].abs() < pi).count()
+        (0..l.len())
+            .filter(|j| nu.chat_only[*j] && nu.error[*j].abs() < pi && nu.reconstruction[*j].abs() < pi)
+            .count()
     };
     assert_eq!(at(20), brute(0.2));
     assert_eq!(at(50), brute(0.5));
@@ -158,9 +191,30 @@ fn figures_of_empty_or_degenerate_tables_still_render() {
     l.classes.iter_mut().for_each(|c| *c = Class::Shared);
     l.dead.iter_mut().skip(1).for_each(|d| *d = true);
     l.nu = None;
-    let files = render(&DeltaNorm { latents: &l, thresholds: &t, size: (800, 500) }, &dir, "degenerate_delta_norm", &[Format::Png]).unwrap();
-    assert!(decode_png(&files[0]).rgb.iter().any(|p| *p == [palette::SHARED.0, palette::SHARED.1, palette::SHARED.2]));
-    render(&DecoderCosine { latents: &l, size: (800, 500) }, &dir, "degenerate_cosine", &[Format::Svg]).unwrap();
-    assert!(render(&NuScatter { latents: &l, max: 1.1, size: (800, 500) }, &dir, "degenerate_scatter", &[Format::Png]).is_err());
-    render(&BelowThreshold { runs: vec![&l], size: (800, 500) }, &dir, "degenerate_threshold", &[Format::Png]).unwrap();
+    let files = render(
+        &DeltaNorm { latents: &l, thresholds: &t, size: (800, 500) },
+        &dir,
+        "degenerate_delta_norm",
+        &[Format::Png],
+    )
+    .unwrap();
+    assert!(decode_png(&files[0]).rgb.contains(&[palette::SHARED.0, palette::SHARED.1, palette::SHARED.2]));
+    render(&DecoderCosine { latents: &l, size: (800, 500) }, &dir, "degenerate_cosine", &[Format::Svg])
+        .unwrap();
+    assert!(
+        render(
+            &NuScatter { latents: &l, max: 1.1, size: (800, 500) },
+            &dir,
+            "degenerate_scatter",
+            &[Format::Png]
+        )
+        .is_err()
+    );
+    render(
+        &BelowThreshold { runs: vec![&l], size: (800, 500) },
+        &dir,
+        "degenerate_threshold",
+        &[Format::Png],
+    )
+    .unwrap();
 }
