@@ -4,7 +4,7 @@
 # CUDA home that candle's and cudarc's build scripts accept, with a link-only `libcuda.so` stub
 # (at run time the GPU machine's own driver library is loaded). One command:
 #
-#   scripts/build-cuda.sh                 # -> target/cuda/release/pipe
+#   scripts/build-cuda.sh                 # -> target/cuda/release/pipe; stripped target/cuda/pipe, target/cuda/pipe.gz
 #
 # On a machine with a CUDA toolkit none of this is needed: `cargo build --release --features cuda`.
 # Run the binary on the GPU machine with its CUDA libraries on the path:
@@ -66,4 +66,9 @@ export LIBRARY_PATH="$CUDA/lib64:$CUDA/lib64/stubs${LIBRARY_PATH:+:$LIBRARY_PATH
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$REPO/target/cuda}"
 log "nvcc: $("$CUDA/bin/nvcc" --version | tail -1); compute capability $CUDA_COMPUTE_CAP"
 (cd "$REPO" && cargo build --release --features cuda --bin pipe "$@")
-log "built $CARGO_TARGET_DIR/release/pipe"
+# A stripped copy to carry to the GPU machine (the release profile keeps line tables: ~190 MB).
+# Stripped it is still ~65 MB (candle's kernels are embedded as PTX); gzip brings it to ~19 MB for
+# transfers with a size limit (`gunzip -k pipe.gz && chmod +x pipe` on the other side).
+strip -o "$CARGO_TARGET_DIR/pipe" "$CARGO_TARGET_DIR/release/pipe"
+gzip -6 -f -k "$CARGO_TARGET_DIR/pipe"
+log "built $CARGO_TARGET_DIR/release/pipe; stripped: $CARGO_TARGET_DIR/pipe ($(du -h "$CARGO_TARGET_DIR/pipe" | cut -f1)), gzipped: $CARGO_TARGET_DIR/pipe.gz ($(du -h "$CARGO_TARGET_DIR/pipe.gz" | cut -f1))"
