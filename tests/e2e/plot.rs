@@ -218,6 +218,18 @@ fn tiny_figures_diff_and_report() {
     );
     assert!(html.contains("Relative decoder norm difference"));
 
+    // Several tables: the first is drawn alone under the stage's label, the others join the
+    // threshold curves by stage name (a collect table has no ν: it is left out of them).
+    let both = tiny_toml().replace("[stages.plot]", "[stages.plot2]\nkind = \"plot\"\nlatents = [\"scale\", \"collect\"]\nlabel = \"both\"\n\n[stages.plot]");
+    env.write("both.toml", &both);
+    env.ok(&["run", "both.toml"]);
+    let out2 = env.out("both.toml", "plot2");
+    let svg = fs::read_to_string(out2.join("delta_norm.svg")).unwrap();
+    assert!(svg.contains("Relative decoder norm difference (both)"), "the first table is labelled");
+    let index = fs::read_to_string(out2.join("figures.json")).unwrap();
+    assert!(!index.contains("training"), "no training input, no training figure: {index}");
+    assert!(fs::read_to_string(out2.join("latents_below_threshold.svg")).unwrap().contains("both ("));
+
     // Bad parameters are refused before anything runs; class bands that disagree with the
     // table's are refused when the stage runs, naming both stages, and nothing is published.
     let bad = tiny_toml().replace("label = \"tiny Llama, BatchTopK k = 4\"", "label = \"x\"\nwidth = 10");

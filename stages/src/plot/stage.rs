@@ -146,7 +146,13 @@ impl Stage for PlotStage {
                     u.stage
                 )));
             }
-            let label = if ups.len() > 1 { u.stage.clone() } else { suffix.clone().unwrap_or_default() };
+            // The first table is the one drawn alone: `label` names it (its stage name when there
+            // is no label but other tables); the others, in the threshold curves, by stage name.
+            let label = match (&suffix, tables.is_empty()) {
+                (Some(l), true) => l.clone(),
+                _ if ups.len() > 1 => u.stage.clone(),
+                _ => String::new(),
+            };
             let l = Latents::from_table(&table, &label, &p.classes)
                 .map_err(|e| StageError::failed(format!("input `{}`: {}: {e}", u.stage, path.display())))?;
             tables.push(l);
