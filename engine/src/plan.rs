@@ -332,13 +332,15 @@ pub fn explain(
     out
 }
 
+/// A two-stage pipeline and a datastore for the engine's tests (plan, report, report_html).
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::tests::kinds;
     use crate::exec::{RunOptions, run};
 
-    const TEXT: &str = r#"
+    /// `web` (a source reading `web.bin`) and `train` reading `web`.
+    pub(crate) const TEXT: &str = r#"
 [pipeline]
 name = "p"
 [stages.web]
@@ -351,23 +353,29 @@ activations = ["web"]
 k = 4
 "#;
 
-    struct Fixture {
-        dir: tempfile::TempDir,
-        store: Store,
-        registry: Registry,
+    /// A temporary folder with `web.bin`, a datastore in it, and the engine-test kinds.
+    pub(crate) struct Fixture {
+        pub dir: tempfile::TempDir,
+        pub store: Store,
+        pub registry: Registry,
     }
 
     impl Fixture {
-        fn new() -> Self {
+        pub fn new() -> Self {
             let dir = tempfile::tempdir().unwrap();
             std::fs::write(dir.path().join("web.bin"), b"tokens").unwrap();
             let store = Store::open(&dir.path().join("ds")).unwrap();
             Self { dir, store, registry: kinds::registry() }
         }
         fn load(&self, overrides: &[&str]) -> Pipeline {
+            self.load_as("p", overrides)
+        }
+        /// [`TEXT`] as `<file>.toml` in the folder, with `--set` overrides.
+        pub fn load_as(&self, file: &str, overrides: &[&str]) -> Pipeline {
             let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
             let env = |_: &str| None;
-            crate::config::load_str(&self.dir.path().join("p.toml"), TEXT, &o, &self.registry, &env).unwrap()
+            let path = self.dir.path().join(format!("{file}.toml"));
+            crate::config::load_str(&path, TEXT, &o, &self.registry, &env).unwrap()
         }
         /// (name, state, action, reasons) per stage.
         fn plan(&self, overrides: &[&str]) -> Vec<(String, &'static str, &'static str, Vec<String>)> {

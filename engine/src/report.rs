@@ -716,58 +716,27 @@ fn table<const N: usize>(rows: &[[String; N]]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::tests::kinds;
     use crate::diff::{self, StageFigures};
     use crate::exec::{RunOptions, run};
+    use crate::plan::tests::Fixture;
     use crate::plan::{PlanOptions, plan};
-    use crate::stage::Registry;
     use std::path::PathBuf;
 
-    const TEXT: &str = r#"
-[pipeline]
-name = "sweep"
-[stages.web]
-kind = "source"
-data = "web.bin"
-seed = 1
-[stages.train]
-kind = "train"
-activations = ["web"]
-k = 4
-"#;
-
-    struct Fixture {
-        dir: tempfile::TempDir,
-        store: Store,
-        registry: Registry,
-    }
-
-    impl Fixture {
-        fn new() -> Self {
-            let dir = tempfile::tempdir().unwrap();
-            std::fs::write(dir.path().join("web.bin"), b"tokens").unwrap();
-            let store = Store::open(&dir.path().join("ds")).unwrap();
-            Self { dir, store, registry: kinds::registry() }
+    /// [`TEXT`] as `<file>.toml` with overrides, run when `run_it`, and planned; every published
+    /// stage gets the metric `loss` = `loss`.
+    fn side(f: &Fixture, file: &str, overrides: &[&str], run_it: bool, loss: f64) -> (Pipeline, Plan) {
+        let p = f.load_as(file, overrides);
+        if run_it {
+            let pl = plan(&p, &f.registry, &f.store, &PlanOptions::default()).unwrap();
+            assert!(run(&p, &f.registry, &f.store, &pl, &RunOptions::default()).unwrap().ok());
         }
-        /// Loads `TEXT` as `<file>.toml` with overrides, runs it when `run_it`, and plans it;
-        /// every published stage gets the metric `loss` = `loss`.
-        fn side(&self, file: &str, overrides: &[&str], run_it: bool, loss: f64) -> (Pipeline, Plan) {
-            let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
-            let env = |_: &str| None;
-            let path = self.dir.path().join(format!("{file}.toml"));
-            let p = crate::config::load_str(&path, TEXT, &o, &self.registry, &env).unwrap();
-            if run_it {
-                let pl = plan(&p, &self.registry, &self.store, &PlanOptions::default()).unwrap();
-                assert!(run(&p, &self.registry, &self.store, &pl, &RunOptions::default()).unwrap().ok());
+        let mut pl = plan(&p, &f.registry, &f.store, &PlanOptions::default()).unwrap();
+        for s in &mut pl.stages {
+            if let Some(o) = &mut s.object {
+                o.manifest.metrics.insert("loss".into(), json!(loss));
             }
-            let mut pl = plan(&p, &self.registry, &self.store, &PlanOptions::default()).unwrap();
-            for s in &mut pl.stages {
-                if let Some(o) = &mut s.object {
-                    o.manifest.metrics.insert("loss".into(), json!(loss));
-                }
-            }
-            (p, pl)
         }
+        (p, pl)
     }
 
     fn diff_of(sides: &[(Pipeline, Plan)], figures: Option<&Figures>) -> Value {
@@ -784,9 +753,9 @@ k = 4
     fn three() -> (Fixture, Value) {
         let f = Fixture::new();
         let sides = vec![
-            f.side("k4", &[], true, 0.5),
-            f.side("k8", &["stages.train.k=8"], true, 0.25),
-            f.side("k16", &["stages.train.k=16", "stages.train.lr=0.01"], false, 0.0),
+            side(&f, "k4", &[], true, 0.5),
+            side(&f, "k8", &["stages.train.k=8"], true, 0.25),
+            side(&f, "k16", &["stages.train.k=16", "stages.train.lr=0.01"], false, 0.0),
         ];
         let figs = Figures {
             folder: PathBuf::from("/ds/diffs/k4--k8--k16"),
@@ -807,7 +776,7 @@ k = 4
         let labels: Vec<&str> =
             v["pipelines"].as_array().unwrap().iter().map(|p| p["label"].as_str().unwrap()).collect();
         assert_eq!(labels, ["k4", "k8", "k16"], "names repeat, so labels are file stems");
-        assert_eq!(v["pipelines"][0]["name"], "sweep");
+        assert_eq!(v["pipelines"][0]["name"], "p");
         assert_eq!(
             v["params"],
             json!([
@@ -840,9 +809,10 @@ k = 4
     #[test]
     fn two_way_json_has_a_delta_and_presence_rows() {
         let f = Fixture::new();
-        let a = f.side("a", &[], true, 0.5);
+        let a = side(&f, "a", &[], true, 0.5);
         let data = format!("stages.extra.data={}", f.dir.path().join("web.bin").display());
-        let b = f.side(
+        let b = side(
+            &f,
             "b",
             &["stages.train.k=8", "stages.extra.kind=source", &data, "stages.extra.seed=3"],
             true,
@@ -860,7 +830,7 @@ k = 4
         );
         assert_eq!(v["figures"], json!({"folder": null, "files": [], "warnings": []}));
         let text = diff_text(&v);
-        assert!(text.contains("A = sweep#1 (") || text.contains("A = a ("), "{text}");
+        assert!(text.contains("A = p#1 (") || text.contains("A = a ("), "{text}");
         assert!(text.contains("  train.k: 4 -> 8\n"), "{text}");
         assert!(text.contains("-0.25"), "{text}");
     }
@@ -889,7 +859,7 @@ k = 4
             .map(|i| {
                 let k = format!("stages.train.k={}", 1 << (i + 2));
                 let lr = format!("stages.train.lr={}", 0.000123456789 * (i + 1) as f64);
-                f.side(&format!("a-rather-long-configuration-name-{i}"), &[&k, &lr], true, 1.0 / 3.0)
+                side(&f, &format!("a-rather-long-configuration-name-{i}"), &[&k, &lr], true, 1.0 / 3.0)
             })
             .collect();
         let text = diff_text(&diff_of(&sides, None));

@@ -348,40 +348,24 @@ a { color: #0550ae; }
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::tests::kinds;
     use crate::exec::{RunOptions, run};
+    use crate::plan::tests::Fixture;
     use crate::plan::{PlanOptions, plan};
-    use crate::store::{FileEntry, Store};
+    use crate::store::FileEntry;
     use std::collections::BTreeMap;
     use std::path::PathBuf;
-
-    const TEXT: &str = r#"
-[pipeline]
-name = "p"
-[stages.web]
-kind = "source"
-data = "web.bin"
-seed = 1
-[stages.train]
-kind = "train"
-activations = ["web"]
-k = 4
-"#;
 
     /// A pipeline whose `web` stage is published (with the given output files, served by the
     /// reader from `files`) and whose `train` stage has not run.
     fn page(files: &[(&str, &[u8])]) -> String {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("web.bin"), b"tokens").unwrap();
-        let store = Store::open(&dir.path().join("ds")).unwrap();
-        let registry = kinds::registry();
-        let env = |_: &str| None;
-        let mut p = crate::config::load_str(&dir.path().join("p.toml"), TEXT, &[], &registry, &env).unwrap();
+        let f = Fixture::new();
+        let (registry, store) = (&f.registry, &f.store);
+        let mut p = f.load_as("p", &[]);
         p.description = "a \"quoted\" <script>alert(1)</script> description".into();
-        let pl = plan(&p, &registry, &store, &PlanOptions::default()).unwrap();
+        let pl = plan(&p, registry, store, &PlanOptions::default()).unwrap();
         let opts = RunOptions { only: ["web".to_string()].into_iter().collect(), ..RunOptions::default() };
-        assert!(run(&p, &registry, &store, &pl, &opts).unwrap().ok());
-        let mut pl = plan(&p, &registry, &store, &PlanOptions::default()).unwrap();
+        assert!(run(&p, registry, store, &pl, &opts).unwrap().ok());
+        let mut pl = plan(&p, registry, store, &PlanOptions::default()).unwrap();
         // A name the store would refuse, to see it escaped.
         p.name = "p<&>".into();
         let web = pl.stages.iter_mut().find(|s| s.name == "web").unwrap();

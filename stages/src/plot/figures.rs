@@ -1,6 +1,7 @@
 //! The paper's figures (DOMAIN.md §7), each a [`Figure`] drawn with plotters on any backend.
 
 use plotters::coord::Shift;
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 use super::canvas::{
@@ -82,6 +83,37 @@ fn class_color(c: Class) -> RGBColor {
     }
 }
 
+/// The frame of a one-panel figure: its title, margin and the room for tick labels and axis
+/// descriptions, before the axes' ranges are given.
+fn one_panel<'a, 'b, DB: DrawingBackend>(
+    root: &'a DrawingArea<DB, Shift>,
+    title: &str,
+    s: Sizes,
+) -> ChartBuilder<'a, 'b, DB> {
+    let mut b = ChartBuilder::on(root);
+    b.caption(title, s.title_font())
+        .margin(s.px(24.0))
+        .x_label_area_size(s.px(90.0))
+        .y_label_area_size(s.px(110.0));
+    b
+}
+
+/// Dashed vertical lines at the class boundaries on Δ_norm, from 0 to `ymax`.
+fn class_boundaries<DB: DrawingBackend>(
+    chart: &mut ChartContext<'_, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+    t: &ClassThresholds,
+    ymax: f64,
+    s: Sizes,
+    style: ShapeStyle,
+) -> Result<(), String> {
+    for x in [t.base_only, t.shared_low, t.shared_high, t.chat_only] {
+        chart
+            .draw_series(DashedLineSeries::new(vec![(x, 0.0), (x, ymax)], s.px(10.0), s.px(8.0), style))
+            .map_err(e)?;
+    }
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 
 /// Fig. "Δ_norm": histogram of the relative decoder norm over non-dead latents, 100 bins on [0, 1],
@@ -115,11 +147,7 @@ impl Figure for DeltaNorm<'_> {
         let all = histogram(alive.iter().map(|j| l.delta_norm[*j]), 0.0, 1.0, bins);
         // Headroom above the tallest bar for the legend and the inset.
         let ymax = nice_max(all.iter().cloned().fold(1.0, f64::max), 1.75);
-        let mut chart = ChartBuilder::on(root)
-            .caption(title_of("Relative decoder norm difference", &l.label), s.title_font())
-            .margin(s.px(24.0))
-            .x_label_area_size(s.px(90.0))
-            .y_label_area_size(s.px(110.0))
+        let mut chart = one_panel(root, &title_of("Relative decoder norm difference", &l.label), s)
             .build_cartesian_2d(0f64..1f64, 0f64..ymax)
             .map_err(e)?;
         // The paper's ticks: the class boundaries and the middle.
@@ -150,16 +178,7 @@ impl Figure for DeltaNorm<'_> {
                 .label(format!("Chat specific ({})", specific.len()))
                 .legend(legend_box(palette::CHAT_SPECIFIC, 1.0, s));
         }
-        for x in [t.base_only, t.shared_low, t.shared_high, t.chat_only] {
-            chart
-                .draw_series(DashedLineSeries::new(
-                    vec![(x, 0.0), (x, ymax)],
-                    s.px(10.0),
-                    s.px(8.0),
-                    BLACK.mix(0.6).stroke_width(s.line.max(2) - 1),
-                ))
-                .map_err(e)?;
-        }
+        class_boundaries(&mut chart, t, ymax, s, BLACK.mix(0.6).stroke_width(s.line.max(2) - 1))?;
         legend!(chart, s, SeriesLabelPosition::UpperLeft);
 
         // The inset: the chat-only band, 20 bins, over the upper right of the plotting area.
@@ -224,11 +243,7 @@ impl Figure for DeltaNormOverlay<'_> {
             self.runs.iter().map(|l| histogram(l.alive_delta_norm(), 0.0, 1.0, 100)).collect();
         let top = hists.iter().flatten().cloned().fold(1.0, f64::max);
         let ymax = nice_max(top, 1.35);
-        let mut chart = ChartBuilder::on(root)
-            .caption("Relative decoder norm difference", s.title_font())
-            .margin(s.px(24.0))
-            .x_label_area_size(s.px(90.0))
-            .y_label_area_size(s.px(110.0))
+        let mut chart = one_panel(root, "Relative decoder norm difference", s)
             .build_cartesian_2d(0f64..1f64, 0f64..ymax)
             .map_err(e)?;
         mesh!(chart, s, "Δₙₒᵣₘ (relative norm of the chat decoder)", "Latents")
@@ -237,16 +252,7 @@ impl Figure for DeltaNormOverlay<'_> {
             .y_label_formatter(&|v| fmt_tick(*v))
             .draw()
             .map_err(e)?;
-        for x in [t.base_only, t.shared_low, t.shared_high, t.chat_only] {
-            chart
-                .draw_series(DashedLineSeries::new(
-                    vec![(x, 0.0), (x, ymax)],
-                    s.px(10.0),
-                    s.px(8.0),
-                    BLACK.mix(0.5).stroke_width(1),
-                ))
-                .map_err(e)?;
-        }
+        class_boundaries(&mut chart, t, ymax, s, BLACK.mix(0.5).stroke_width(1))?;
         for (i, (l, h)) in self.runs.iter().zip(&hists).enumerate() {
             let color = palette::series(i);
             chart
@@ -481,11 +487,7 @@ impl Figure for BelowThreshold<'_> {
         let curves: Vec<Vec<(f64, f64)>> = self.runs.iter().map(|l| below_threshold(l, 100)).collect();
         let top = curves.iter().flatten().map(|p| p.1).fold(1.0, f64::max);
         let ymax = 10f64.powf((top * 1.5).log10().ceil());
-        let mut chart = ChartBuilder::on(root)
-            .caption("Chat-only latents below a ν threshold", s.title_font())
-            .margin(s.px(24.0))
-            .x_label_area_size(s.px(90.0))
-            .y_label_area_size(s.px(110.0))
+        let mut chart = one_panel(root, "Chat-only latents below a ν threshold", s)
             .build_cartesian_2d(0f64..1f64, (0.8f64..ymax).log_scale())
             .map_err(e)?;
         mesh!(chart, s, "π", "Latents with |νᵋ| < π and |νʳ| < π")
@@ -568,11 +570,7 @@ impl Figure for DecoderCosine<'_> {
             })
             .collect();
         let ymax = nice_max(groups.iter().flat_map(|g| g.1.iter()).cloned().fold(0.05, f64::max), 1.15);
-        let mut chart = ChartBuilder::on(root)
-            .caption(title_of("Decoder cosine similarity by class", &l.label), s.title_font())
-            .margin(s.px(24.0))
-            .x_label_area_size(s.px(90.0))
-            .y_label_area_size(s.px(110.0))
+        let mut chart = one_panel(root, &title_of("Decoder cosine similarity by class", &l.label), s)
             .build_cartesian_2d(-1f64..1f64, 0f64..ymax)
             .map_err(e)?;
         mesh!(chart, s, "cos(d_base, d_chat)", "Share of the class's latents")
