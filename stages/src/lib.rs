@@ -3,6 +3,7 @@
 pub mod cache;
 pub mod collect;
 pub mod device;
+pub mod eval;
 pub mod hf;
 pub mod latents;
 pub mod models;
@@ -22,6 +23,7 @@ pub fn registry() -> Registry {
         .register(train::import::CrosscoderImport)
         .register(scale::ScaleStage)
         .register(collect::stage::CollectStage)
-        .register(plot::PlotStage);
+        .register(plot::PlotStage)
+        .register(eval::EvalStage);
     r
 }

@@ -40,6 +40,17 @@ pub enum ComputeDtype {
     F16,
 }
 
+impl ComputeDtype {
+    /// The candle dtype on `device` (`auto`: f32 on the CPU, bf16 elsewhere).
+    pub(crate) fn on(self, device: &Device) -> DType {
+        match (self, device.is_cpu()) {
+            (ComputeDtype::Auto, true) | (ComputeDtype::F32, _) => DType::F32,
+            (ComputeDtype::Auto, false) | (ComputeDtype::Bf16, _) => DType::BF16,
+            (ComputeDtype::F16, _) => DType::F16,
+        }
+    }
+}
+
 /// The dtype activations are stored in.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
@@ -89,7 +100,8 @@ impl Default for BaseTokenMap {
 }
 
 impl BaseTokenMap {
-    fn resolve(&self) -> Result<TokenMap, String> {
+    /// The map this value names; an error message for an unknown preset.
+    pub(crate) fn resolve(&self) -> Result<TokenMap, String> {
         match self {
             BaseTokenMap::Preset(name) if name == "none" => Ok(TokenMap::default()),
             BaseTokenMap::Preset(name) if name == "llama3" => Ok(TokenMap::llama3_base()),
@@ -279,11 +291,7 @@ struct Window {
 fn run(p: &CacheParams, ctx: &mut StageContext) -> Result<(), StageError> {
     let t0 = Instant::now();
     let device = crate::device::candle_device(ctx.device())?;
-    let dtype = match (p.dtype, device.is_cpu()) {
-        (ComputeDtype::Auto, true) | (ComputeDtype::F32, _) => DType::F32,
-        (ComputeDtype::Auto, false) | (ComputeDtype::Bf16, _) => DType::BF16,
-        (ComputeDtype::F16, _) => DType::F16,
-    };
+    let dtype = p.dtype.on(&device);
     let store = match p.store_dtype {
         StoreDtypeParam::Auto => StoreDtype::from_candle(dtype).expect("a float dtype"),
         StoreDtypeParam::F32 => StoreDtype::F32,
