@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
@@ -152,6 +153,33 @@ enum Command {
         /// The HTML file to write; default $DATASTORE/reports/<pipeline>.html.
         #[arg(short = 'o', long = "out", value_name = "OUT.html")]
         out: Option<PathBuf>,
+    },
+    /// Serve the latent explorer (latent tables, examples, figures, steering) over the datastore.
+    #[command(
+        after_help = "Examples:\n  pipe serve                      every pipeline with runs in the datastore\n  pipe serve pipelines/tiny.toml  one pipeline file, at its current keys\n  pipe serve --port 8080 --device cuda:0\n\nBinds 127.0.0.1 unless --host says otherwise; open the printed address in a browser."
+    )]
+    Serve {
+        /// A pipeline file: show its stages at their current keys (default: every pipeline with
+        /// run records in the datastore, each stage at its newest published key).
+        file: Option<PathBuf>,
+        /// Override a value of FILE, parsed as TOML.
+        #[arg(long = "set", value_name = "KEY=VALUE", requires = "file")]
+        set: Vec<String>,
+        /// Address to bind; anything but loopback exposes the datastore to the network.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: std::net::IpAddr,
+        /// Port (0: any free one).
+        #[arg(long, short = 'p', default_value_t = 8765)]
+        port: u16,
+        /// Where steering runs the models: `cpu` or `cuda:N`.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Longest generation a steering request may ask for.
+        #[arg(long, default_value_t = 256)]
+        max_new_tokens: usize,
+        /// Generations at once; more requests are refused (429) until one ends.
+        #[arg(long, default_value_t = 1)]
+        max_concurrent: usize,
     },
     /// Remove objects and partials that no kept pipeline or recent run references, and old run records.
     #[command(after_help = "Example:\n  pipe gc --keep pipelines/llama8b.toml --keep-days 0 --dry-run")]
@@ -446,6 +474,40 @@ fn dispatch(cli: Cli, registry: &Registry, cancel: Cancel) -> Result<u8> {
             engine::store::write_atomic(&out, html.as_bytes())
                 .with_context(|| format!("cannot write the report {}", out.display()))?;
             println!("{}", out.display());
+            Ok(0)
+        }
+        Command::Serve { file, set, host, port, device, max_new_tokens, max_concurrent } => {
+            let pipeline = file.map(|file| load(&Load { file, set }, registry)).transpose()?;
+            let store = open_store(&ds, quiet, pipeline.as_ref())?;
+            let source: serve::CatalogSource = match &pipeline {
+                Some(p) => {
+                    let planned = serve::Catalog::from_plan(&plan_of(p, registry, &store, &[])?, &p.file);
+                    Arc::new(move || Ok(planned.refreshed(&store)))
+                }
+                None => Arc::new(move || Ok(serve::Catalog::from_runs(&store))),
+            };
+            if max_concurrent == 0 {
+                bail!("--max-concurrent must be at least 1");
+            }
+            let device =
+                stages::device::candle_device(&device).map_err(|e| anyhow::anyhow!("--device: {e}"))?;
+            let mut opts = serve::Options { max_concurrent, ..serve::Options::default() };
+            opts.limits.max_new_tokens = max_new_tokens.max(1);
+            let app = serve::App::new(source, device, opts);
+            if !host.is_loopback() {
+                tracing::warn!("serving on {host}: anyone who can reach this address can read the datastore");
+            }
+            let stop = cancel.clone();
+            serve::serve(
+                app,
+                std::net::SocketAddr::new(host, port),
+                |addr| {
+                    println!("serving http://{addr}/ (Ctrl-C to stop)");
+                    let _ = std::io::stdout().flush();
+                },
+                move || stop.is_cancelled(),
+            )
+            .with_context(|| format!("cannot serve on {host}:{port}"))?;
             Ok(0)
         }
         Command::Gc { keep, keep_days, dry_run, json } => {
