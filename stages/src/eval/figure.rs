@@ -1,6 +1,6 @@
 //! `kl.png` / `kl.svg`: the mean KL(p_chat ‖ p_patched) of each intervention, one horizontal bar
 //! per token subset (all assistant tokens, the first k of each turn, the rest), with ± one
-//! standard error, and the value written at the end of each bar.
+//! standard error, the value written at the end of each bar and the token counts in the legend.
 
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -20,11 +20,13 @@ pub struct KlBars<'a> {
 }
 
 impl KlBars<'_> {
-    fn subset_label(&self, s: Subset) -> String {
+    /// The subset's legend entry, with its token count (the same for every intervention).
+    fn subset_label(&self, j: usize, s: Subset) -> String {
+        let tokens = self.rows.first().map_or(0, |(_, sums)| sums[j].tokens);
         match s {
-            Subset::All => "all assistant tokens".into(),
-            Subset::KFirst => format!("first {} of each turn", self.k_first),
-            Subset::PostKFirst => format!("after the first {}", self.k_first),
+            Subset::All => format!("all assistant tokens ({tokens})"),
+            Subset::KFirst => format!("first {} of each turn ({tokens})", self.k_first),
+            Subset::PostKFirst => format!("after the first {} ({tokens})", self.k_first),
         }
     }
 }
@@ -53,6 +55,7 @@ impl Figure for KlBars<'_> {
         let mut chart = ChartBuilder::on(root)
             .caption(&self.title, s.title_font())
             .margin(s.px(24.0))
+            .margin_right(s.px(70.0))
             .x_label_area_size(s.px(90.0))
             .y_label_area_size(label_w + s.px(30.0))
             .build_cartesian_2d(0f64..xmax, 0f64..n)
@@ -90,7 +93,7 @@ impl Figure for KlBars<'_> {
             chart
                 .draw_series(bars)
                 .map_err(e)?
-                .label(self.subset_label(*subset))
+                .label(self.subset_label(j, *subset))
                 .legend(move |(x, y)| Rectangle::new([(x, y - 8), (x + 24, y + 8)], color.filled()));
         }
         for (i, (_, sums)) in self.rows.iter().enumerate() {
@@ -118,7 +121,7 @@ impl Figure for KlBars<'_> {
                     ];
                     chart.draw_series(lines.into_iter().map(|l| PathElement::new(l, whisker))).map_err(e)?;
                 }
-                let text = format!("{} ({} tokens)", fmt_num(m.kl_mean), m.tokens);
+                let text = fmt_num(m.kl_mean);
                 chart
                     .draw_series(std::iter::once(
                         EmptyElement::at((hi, yc))
@@ -142,7 +145,7 @@ impl Figure for KlBars<'_> {
             .label_font(s.legend_font())
             .background_style(WHITE.mix(0.9))
             .border_style(BLACK.mix(0.3))
-            .position(SeriesLabelPosition::LowerRight)
+            .position(SeriesLabelPosition::UpperRight)
             .margin(s.px(12.0))
             .legend_area_size(s.px(30.0))
             .draw()
@@ -181,7 +184,7 @@ mod tests {
         for (name, _) in &rows {
             assert!(svg.contains(name.as_str()), "{name} is not in the SVG");
         }
-        assert!(svg.contains("first 10 of each turn") && svg.contains("no tokens"));
+        assert!(svg.contains("first 10 of each turn (10)") && svg.contains("no tokens"));
         assert!(std::fs::metadata(dir.path().join("kl.png")).unwrap().len() > 10_000);
     }
 }
