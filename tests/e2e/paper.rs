@@ -103,6 +103,8 @@ fn with_the_models_cached_the_papers_pipelines_plan_their_dag() {
         "scale_l1",
         "plot_batchtopk",
         "plot_l1",
+        "eval_batchtopk",
+        "eval_l1",
     ];
     let mut train_keys = Vec::new();
     for (name, (layer, mu, betas, store)) in [
@@ -153,6 +155,20 @@ fn with_the_models_cached_the_papers_pipelines_plan_their_dag() {
         assert_eq!((l1["loss"].as_str(), l1["mu"].as_f64()), (Some("l1"), Some(mu)), "{name}");
         assert_eq!(p("scale_l1")["tokens_per_cache"], betas, "{name}");
         assert_eq!(p("scale_batchtopk")["tokens_per_cache"], betas, "{name}");
+        for stage in ["eval_batchtopk", "eval_l1"] {
+            let ev = p(stage);
+            assert_eq!(
+                (ev["layer"].as_u64(), ev["max_docs"].as_u64(), ev["context_len"].as_u64()),
+                (Some(layer), Some(512), Some(1024)),
+                "{name}: {ev}"
+            );
+            assert_eq!(
+                (ev["ignore_first_n"].as_u64(), ev["base_token_map"].as_str(), ev["column"].as_str()),
+                (Some(ignore), Some(map), Some("conversation")),
+                "{name}: {ev}"
+            );
+            assert_eq!((ev["k_first"].as_u64(), ev["fraction"].as_f64()), (Some(10), Some(0.5)));
+        }
         train_keys.push(
             plan["stages"].as_array().unwrap().iter().find(|s| s["name"] == "train_l1").unwrap()["key"]
                 .clone(),
