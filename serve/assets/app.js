@@ -49,7 +49,7 @@ function classPill(c) {
 
 function crumbs(items) {
   $crumbs.replaceChildren(...items.flatMap((it, i) => [
-    i ? h("span", { class: "sep" }, "›") : null,
+    ...(i ? [h("span", { class: "sep" }, "›")] : []),
     it.href ? h("a", { href: it.href }, it.text) : h("span", {}, it.text),
   ]));
 }
@@ -109,7 +109,7 @@ function home() {
         h("td", { class: "text muted" }, s.key.slice(0, 12)),
         h("td", { class: "text" }, s.finished || "–"), h("td", {}, fmt(s.seconds, 2)),
         h("td", { class: "text muted" }, Object.entries(s.metrics || {}).slice(0, 4)
-          .map(([k, v]) => `${k} ${fmt(v)}`).join(" · "))))))))));
+          .map(([k, v]) => `${k} ${fmt(v)}`).join(" · ")))))))));
 }
 
 // ---- latent table ----
@@ -201,7 +201,7 @@ function tokenSpan(text, act, max) {
   const shown = text.replace(/\n/g, "↵\n");
   return h("span", {
     class: "tok" + (special ? " special" : ""),
-    style: a > 0 ? `background: rgba(var(--hl), ${(0.12 + 0.78 * a).toFixed(3)})` : null,
+    style: a > 0 ? `background: rgba(var(--hl), ${(0.12 + 0.78 * a).toFixed(3)})${a > 0.55 ? "; color: #fff" : ""}` : null,
     title: act > 0 ? `${JSON.stringify(text)}: ${act.toFixed(4)}` : JSON.stringify(text),
   }, shown);
 }

@@ -357,3 +357,149 @@ async fn file(
     )
         .into_response())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use axum::http::Request;
+    use engine::Key;
+    use engine::store::{FileEntry, Manifest, Object};
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    fn manifest(files: &[&str]) -> Manifest {
+        Manifest {
+            format: 1,
+            key: Key::from_bytes([1; 32]).hex(),
+            kind: "plot".into(),
+            stage_version: 1,
+            preimage: json!({}),
+            files: files.iter().map(|f| FileEntry { path: f.to_string(), size: 1, blake3: String::new() }).collect(),
+            bytes: 1,
+            metrics: BTreeMap::new(),
+            produced_by: "plot".into(),
+            started: String::new(),
+            finished: String::new(),
+            seconds: 0.0,
+            resumed: false,
+            tool: String::new(),
+        }
+    }
+
+    /// A catalog with one pipeline `p` whose stage `s` has an object in `dir` listing `a.png`
+    /// and `sub/b.svg`; `dir` also holds files the manifest does not list.
+    fn app(dir: &std::path::Path) -> Arc<App> {
+        let out = dir.join("obj/out");
+        std::fs::create_dir_all(out.join("sub")).unwrap();
+        std::fs::write(out.join("a.png"), b"png bytes").unwrap();
+        std::fs::write(out.join("sub/b.svg"), b"<svg/>").unwrap();
+        std::fs::write(out.join("unlisted.txt"), b"UNLISTED-CONTENT").unwrap();
+        std::fs::write(dir.join("obj/manifest.json"), b"{}").unwrap();
+        std::fs::write(dir.join("secret"), b"SECRET-CONTENT").unwrap();
+        let stage = StageEntry {
+            name: "s".into(),
+            kind: "plot".into(),
+            key: Key::from_bytes([2; 32]),
+            inputs: Vec::new(),
+            object: Some(Object { dir: dir.join("obj"), manifest: manifest(&["a.png", "sub/b.svg"]) }),
+        };
+        let cat = Catalog {
+            pipelines: vec![PipelineEntry {
+                name: "p".into(),
+                file: "p.toml".into(),
+                status: "ok".into(),
+                started: None,
+                stages: vec![stage],
+            }],
+        };
+        Arc::new(App::new(Arc::new(move || Ok(cat.clone())), candle_core::Device::Cpu, Options::default()))
+    }
+
+    async fn call(app: &Arc<App>, method: &str, uri: &str, body: &str) -> (StatusCode, String, Vec<u8>) {
+        let req = Request::builder().method(method).uri(uri).body(Body::from(body.to_string())).unwrap();
+        let resp = router(app.clone()).oneshot(req).await.unwrap();
+        let status = resp.status();
+        let mime = resp.headers().get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes().to_vec();
+        (status, mime, bytes)
+    }
+
+    fn error(bytes: &[u8]) -> String {
+        serde_json::from_slice::<Value>(bytes).unwrap()["error"].as_str().unwrap().to_string()
+    }
+
+    #[tokio::test]
+    async fn serves_only_files_the_manifest_lists() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = app(dir.path());
+        let (status, mime, bytes) = call(&app, "GET", "/files/p/s/a.png", "").await;
+        assert_eq!((status, mime.as_str(), bytes.as_slice()), (StatusCode::OK, "image/png", &b"png bytes"[..]));
+        let (status, mime, _) = call(&app, "GET", "/files/p/s/sub/b.svg", "").await;
+        assert_eq!((status, mime.as_str()), (StatusCode::OK, "image/svg+xml"));
+        for uri in [
+            "/files/p/s/unlisted.txt",
+            "/files/p/s/../manifest.json",
+            "/files/p/s/%2e%2e/manifest.json",
+            "/files/p/s/..%2F..%2Fsecret",
+            "/files/p/s/%2Fetc%2Fpasswd",
+            "/files/p/s/sub/../a.png",
+            "/files/p/s/",
+        ] {
+            let (status, _, bytes) = call(&app, "GET", uri, "").await;
+            assert_eq!(status, StatusCode::NOT_FOUND, "{uri}");
+            let text = String::from_utf8_lossy(&bytes);
+            assert!(!text.contains("UNLISTED-CONTENT") && !text.contains("SECRET-CONTENT"), "{uri} leaked a file");
+        }
+        let (status, _, bytes) = call(&app, "GET", "/files/q/s/a.png", "").await;
+        assert_eq!((status, error(&bytes)), (StatusCode::NOT_FOUND, "no pipeline `q`".to_string()));
+    }
+
+    #[tokio::test]
+    async fn page_assets_and_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = app(dir.path());
+        let (status, mime, bytes) = call(&app, "GET", "/", "").await;
+        assert_eq!((status, mime.as_str()), (StatusCode::OK, "text/html; charset=utf-8"));
+        let html = String::from_utf8(bytes).unwrap();
+        assert!(html.contains("/assets/app.js") && !html.contains("http://") && !html.contains("https://"));
+        let (status, mime, bytes) = call(&app, "GET", "/assets/app.js", "").await;
+        assert_eq!((status, mime.as_str()), (StatusCode::OK, "text/javascript; charset=utf-8"));
+        assert!(!String::from_utf8(bytes).unwrap().contains("https://"), "the page fetches nothing remote");
+        let (status, _, bytes) = call(&app, "GET", "/api/nope", "").await;
+        assert_eq!((status, error(&bytes).as_str()), (StatusCode::NOT_FOUND, "no such page or API route"));
+        let (status, _, bytes) = call(&app, "GET", "/api/p/p/t/s/latents", "").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(error(&bytes).contains("`s` is not a published latent table of `p`"), "{}", error(&bytes));
+        let (status, _, bytes) = call(&app, "GET", "/api/p/p/t/s/latents?limit=0", "").await;
+        assert_eq!((status, error(&bytes).as_str()), (StatusCode::BAD_REQUEST, "`limit` must be 1 to 1000"));
+        let (status, _, bytes) = call(&app, "GET", "/api/p/p/t/s/latent/-1", "").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{}", error(&bytes));
+        let (status, _, bytes) = call(&app, "GET", "/api/p/p/t/s/latent/1?per_bucket=1000", "").await;
+        assert!(status == StatusCode::BAD_REQUEST && error(&bytes).contains("`per_bucket`"));
+        let (status, _, bytes) = call(&app, "GET", "/api/pipelines", "").await;
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!((status, v["pipelines"][0]["stages"][0]["name"].as_str()), (StatusCode::OK, Some("s")));
+    }
+
+    #[tokio::test]
+    async fn steering_requests_are_checked_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = app(dir.path());
+        let (status, _, bytes) = call(&app, "POST", "/api/p/p/t/s/steer", r#"{"prompt": "hi", "strength": 1}"#).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(error(&bytes).contains("unknown field `strength`"), "{}", error(&bytes));
+        let (status, _, bytes) = call(&app, "POST", "/api/p/p/t/s/steer", r#"{"prompt": "hi"}"#).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{}", error(&bytes));
+        // While a generation holds the only permit, another request is refused at once.
+        let held = app.permits.clone().try_acquire_owned().unwrap();
+        let (status, _, bytes) = call(&app, "POST", "/api/p/p/t/s/steer", r#"{"prompt": "hi"}"#).await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        assert!(error(&bytes).contains("already running"), "{}", error(&bytes));
+        drop(held);
+        let (status, _, _) = call(&app, "POST", "/api/p/p/t/s/steer", r#"{"prompt": "hi"}"#).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "the permit is back");
+    }
+}
