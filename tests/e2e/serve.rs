@@ -313,11 +313,14 @@ impl Browser {
     }
 
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        self.try_call(method, path, body).unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    fn try_call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, Value> {
         let path = if path == "/session" { path.to_string() } else { format!("/session/{}{path}", self.session) };
         let (status, _, bytes) = http(self.addr, method, &path, Some(&body.unwrap_or(json!({}))));
         let v: Value = serde_json::from_slice(&bytes).unwrap();
-        assert_eq!(status, 200, "{method} {path}: {v}");
-        v["value"].clone()
+        if status == 200 { Ok(v["value"].clone()) } else { Err(v["value"].clone()) }
     }
 
     fn goto(&self, url: &str) {
@@ -330,14 +333,41 @@ impl Browser {
         v[ELEMENT].as_str().unwrap().to_string()
     }
 
+    /// Retries `f` while the page re-renders under it (a stale element), for up to 30 s.
+    fn retry<T>(&self, what: &str, f: impl Fn() -> Result<T, Value>) -> T {
+        let started = Instant::now();
+        loop {
+            match f() {
+                Ok(t) => return t,
+                Err(e) if started.elapsed() < Duration::from_secs(30) => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => panic!("{what}: {e}"),
+            }
+        }
+    }
+
     fn click(&self, css: &str) {
-        let id = self.find(css);
-        self.call("POST", &format!("/element/{id}/click"), None);
+        self.retry(css, || {
+            let id = self.find(css);
+            self.try_call("POST", &format!("/element/{id}/click"), None)
+        });
     }
 
     fn text(&self, css: &str) -> String {
-        let id = self.find(css);
-        self.call("GET", &format!("/element/{id}/text"), None).as_str().unwrap().to_string()
+        self.retry(css, || {
+            let id = self.find(css);
+            self.try_call("GET", &format!("/element/{id}/text"), None).map(|v| v.as_str().unwrap().to_string())
+        })
+    }
+
+    /// Waits until the text of `css` satisfies `ok` (the page renders asynchronously).
+    fn wait_text(&self, css: &str, ok: impl Fn(&str) -> bool) -> String {
+        self.retry(css, || {
+            let t = self.text(css);
+            if ok(&t) { Ok(t) } else { Err(json!(format!("text is {t:?}"))) }
+        })
     }
 
     fn screenshot(&self, name: &str) -> PathBuf {
@@ -375,15 +405,17 @@ fn browser_opens_a_latent_and_steers() {
     browser.goto(&url);
     browser.click("a.view-link[href$='/t/scale']");
     browser.find("#latents tbody tr");
-    browser.click("#latents th[title='sort by delta_norm']");
-    browser.click("#latents th[title='sort by delta_norm']");
-    assert!(browser.text("#latents th[title='sort by delta_norm']").ends_with('▼'));
+    let header = "#latents th[title='sort by delta_norm']";
+    browser.click(header);
+    browser.wait_text(header, |t| t.ends_with('▲'));
+    browser.click(header);
+    browser.wait_text(header, |t| t.ends_with('▼'));
     // The highest Δ_norm latent is one of the planted chat-only ones.
     assert_eq!(browser.text("#latents tbody tr td:nth-child(2)"), "Chat only");
     browser.screenshot("table");
 
     browser.click("#latents tbody tr");
-    assert!(browser.text("h1").starts_with("Latent "), "{}", browser.text("h1"));
+    browser.wait_text("h1", |t| t.starts_with("Latent "));
     browser.find("#examples .example .tok[style]");
     assert!(browser.text("#stats").contains("Chat only"));
     browser.screenshot("latent");
