@@ -94,6 +94,14 @@ fn tiny_eval_measures_the_interventions() {
     let ch = info.color_type.samples();
     let ink = px.chunks(ch).filter(|p| p[..3] != [255, 255, 255]).count() as f64 / (px.len() / ch) as f64;
     assert!((0.01..0.6).contains(&ink), "{ink}");
+    let index: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(out.join("figures.json")).unwrap()).unwrap();
+    assert_eq!(
+        (index[0]["file"].as_str(), index[0]["svg"].as_str()),
+        (Some("kl.png"), Some("kl.svg")),
+        "{index}"
+    );
+    assert!(index[0]["caption"].as_str().unwrap().contains("12 conversations"), "{index}");
     let svg = fs::read_to_string(out.join("kl.svg")).unwrap();
     assert!(svg.contains("patch_rank_sum-best_cchat") && svg.contains("vanilla_base2chat"));
 

@@ -213,9 +213,10 @@ fn tiny_figures_diff_and_report() {
     assert!(!html.contains("http://") && !html.contains("https://") && !html.contains("<script"));
     assert_eq!(
         html.matches("<img src=\"data:image/png;base64,").count(),
-        FIGURES.len(),
-        "one image per figure"
+        FIGURES.len() + 1,
+        "one image per figure, and the eval stage's kl.png"
     );
+    assert!(html.contains("KL to the chat model after patching layer 2"));
     assert!(html.contains("Relative decoder norm difference"));
 
     // Several tables: the first is drawn alone under the stage's label, the others join the

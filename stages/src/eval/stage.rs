@@ -10,8 +10,8 @@
 //! Nothing is checkpointed: the stage is short next to the ones before it.
 //!
 //! Outputs: `kl.json` (per intervention × subset: tokens, mean KL, its standard error, mean NLL,
-//! mean KL to the base model; the latent sets' sizes and ids), `kl.csv` (the same rows), and
-//! `kl.png` / `kl.svg`.
+//! mean KL to the base model; the latent sets' sizes and ids), `kl.csv` (the same rows),
+//! `kl.png` / `kl.svg`, and `figures.json` (the figure's title and caption, for `pipe report`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -30,6 +30,7 @@ use super::{Intervention, Subset};
 use crate::cache::stage::{BaseTokenMap, ComputeDtype};
 use crate::latents::LatentTable;
 use crate::models::Model;
+use crate::plot::FigureEntry;
 use crate::plot::canvas::{Format, render};
 use crate::text::{Column, Doc, Docs, TextError, TextTokenizer, TokenMap};
 use crate::train::{load_crosscoder, load_normalizer};
@@ -435,6 +436,21 @@ fn run(p: &EvalParams, ctx: &mut StageContext) -> Result<(), StageError> {
         size: (1600, 1000),
     };
     render(&fig, &out, "kl", &[Format::Png, Format::Svg]).map_err(StageError::other)?;
+    let entry = FigureEntry {
+        file: "kl.png".into(),
+        svg: Some("kl.svg".into()),
+        title: fig.title.clone(),
+        caption: format!(
+            "Mean KL(p_chat ‖ p_patched) per predicted assistant token over {} conversations, ± one \
+             standard error, for all assistant tokens, the first {} of each turn and the rest; \
+             shorter bars are closer to the chat model.",
+            convs.len(),
+            p.k_first
+        ),
+    };
+    let index = serde_json::to_vec_pretty(&[entry]).expect("serializable");
+    std::fs::write(out.join("figures.json"), index)
+        .map_err(|e| StageError::io(out.join("figures.json").display(), e))?;
 
     ctx.record_metric("docs", convs.len() as u64);
     for (j, subset) in Subset::ALL.iter().enumerate() {
