@@ -173,7 +173,7 @@ mod tests {
         let cut = full.turns[0].start + 3;
         let short = conversation(&tok.with_context_len(cut).unwrap(), &msgs(&turns)).unwrap();
         assert_eq!(short.ids, full.ids[..cut]);
-        assert_eq!(short.turns, [full.turns[0].start..cut]);
+        assert_eq!(short.turns, std::iter::once(full.turns[0].start..cut).collect::<Vec<_>>());
         let none = conversation(
             &TextTokenizer::from_dir(dir.path()).unwrap().with_context_len(5).unwrap(),
             &msgs(&turns),
@@ -212,7 +212,7 @@ mod tests {
         assert_eq!(got[0], Target { pos: 4, k_first: true });
         assert_eq!(got.len(), 7);
         // Position 0 has no prediction.
-        let first = Conversation { ids: vec![5, 6], turns: vec![0..2] };
+        let first = Conversation { ids: vec![5, 6], turns: std::iter::once(0..2).collect() };
         assert_eq!(targets(&first, &[], 10, 0), [Target { pos: 1, k_first: true }]);
     }
 
