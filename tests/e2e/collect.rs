@@ -3,21 +3,13 @@
 //! statistics, and the planted chat-template difference shows up in the template share.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 use stages::cache::ActivationCache;
 use stages::collect::Csr;
 use stages::collect::stage::template_token_ids;
 
-use crate::support::Env;
-
-fn tiny_toml() -> String {
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    std::fs::read_to_string(repo.join("pipelines/tiny.toml"))
-        .unwrap()
-        .replace("\"tiny/", &format!("\"{}/", repo.join("pipelines/tiny").display()))
-}
+use crate::support::{Env, tiny_toml};
 
 fn f32s(t: &HashMap<String, Tensor>, name: &str) -> Vec<f32> {
     t[name].to_vec1().unwrap()

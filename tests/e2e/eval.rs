@@ -7,14 +7,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use crate::support::Env;
-
-fn tiny_toml() -> String {
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    fs::read_to_string(repo.join("pipelines/tiny.toml"))
-        .unwrap()
-        .replace("\"tiny/", &format!("\"{}/", repo.join("pipelines/tiny").display()))
-}
+use crate::support::{Env, tiny_toml};
 
 fn kl_json(out: &Path) -> serde_json::Value {
     serde_json::from_str(&fs::read_to_string(out.join("kl.json")).unwrap()).unwrap()

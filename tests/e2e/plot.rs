@@ -4,16 +4,9 @@
 //! keys, metric values) masked; the report embeds the figures.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use crate::support::Env;
-
-fn tiny_toml() -> String {
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    fs::read_to_string(repo.join("pipelines/tiny.toml"))
-        .unwrap()
-        .replace("\"tiny/", &format!("\"{}/", repo.join("pipelines/tiny").display()))
-}
+use crate::support::{Env, tiny_toml};
 
 /// The tiny pipeline as `tiny.toml` and its k = 3 variant `tiny-k3.toml`, both run.
 fn two_tiny_configs(env: &Env) {

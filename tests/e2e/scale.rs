@@ -2,16 +2,8 @@
 //! carries a planted chat-only direction on chat-template tokens.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
-use crate::support::Env;
-
-fn tiny_toml() -> String {
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    std::fs::read_to_string(repo.join("pipelines/tiny.toml"))
-        .unwrap()
-        .replace("\"tiny/", &format!("\"{}/", repo.join("pipelines/tiny").display()))
-}
+use crate::support::{Env, tiny_toml};
 
 fn csv(path: &std::path::Path) -> Vec<HashMap<String, String>> {
     let text = std::fs::read_to_string(path).unwrap();

@@ -14,14 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::Env;
-
-fn tiny_toml() -> String {
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    std::fs::read_to_string(repo.join("pipelines/tiny.toml"))
-        .unwrap()
-        .replace("\"tiny/", &format!("\"{}/", repo.join("pipelines/tiny").display()))
-}
+use crate::support::{Env, tiny_toml};
 
 /// A running `pipe serve`, killed on drop.
 struct Server {
@@ -80,7 +73,9 @@ fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> (u1
     let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
     let header = |name: &str| {
         head.lines()
-            .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.trim()))
+            .find_map(|l| {
+                l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.trim())
+            })
             .unwrap_or("")
             .to_string()
     };
@@ -108,7 +103,11 @@ fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> (u1
 
 fn get_json(addr: SocketAddr, path: &str) -> (u16, Value) {
     let (status, _, body) = http(addr, "GET", path, None);
-    (status, serde_json::from_slice(&body).unwrap_or_else(|_| panic!("{path}: {}", String::from_utf8_lossy(&body))))
+    (
+        status,
+        serde_json::from_slice(&body)
+            .unwrap_or_else(|_| panic!("{path}: {}", String::from_utf8_lossy(&body))),
+    )
 }
 
 /// Steers and returns (events, steered text, plain text).
@@ -152,7 +151,8 @@ fn api_on_the_tiny_pipeline() {
     assert_eq!(status, 200);
     let p = &cat["pipelines"][0];
     assert_eq!(p["name"], "tiny");
-    let views: Vec<&str> = p["views"].as_array().unwrap().iter().map(|v| v["table"].as_str().unwrap()).collect();
+    let views: Vec<&str> =
+        p["views"].as_array().unwrap().iter().map(|v| v["table"].as_str().unwrap()).collect();
     assert_eq!(views, ["collect", "scale"]);
     let scale = &p["views"][1];
     assert_eq!(
@@ -168,18 +168,28 @@ fn api_on_the_tiny_pipeline() {
     let class_at = header.iter().position(|c| *c == "class").unwrap();
     let chat_only = csv.lines().skip(1).filter(|l| l.split(',').nth(class_at) == Some("Chat only")).count();
     assert!(chat_only > 0, "the tiny pipeline plants chat-only latents");
-    let (status, page) = get_json(addr, "/api/p/tiny/t/scale/latents?class=Chat%20only&sort=delta_norm&desc=1");
-    assert_eq!((status, page["total"].as_u64(), page["rows_in_table"].as_u64()), (200, Some(chat_only as u64), Some(256)));
+    let (status, page) =
+        get_json(addr, "/api/p/tiny/t/scale/latents?class=Chat%20only&sort=delta_norm&desc=1");
+    assert_eq!(
+        (status, page["total"].as_u64(), page["rows_in_table"].as_u64()),
+        (200, Some(chat_only as u64), Some(256))
+    );
     let cols: Vec<&str> = page["columns"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
-    let (ci, di) = (cols.iter().position(|c| *c == "class").unwrap(), cols.iter().position(|c| *c == "delta_norm").unwrap());
+    let (ci, di) = (
+        cols.iter().position(|c| *c == "class").unwrap(),
+        cols.iter().position(|c| *c == "delta_norm").unwrap(),
+    );
     let rows = page["rows"].as_array().unwrap();
     assert!(rows.iter().all(|r| r[ci] == "Chat only"));
     let dn: Vec<f64> = rows.iter().map(|r| r[di].as_f64().unwrap()).collect();
     assert!(dn.windows(2).all(|w| w[0] >= w[1]), "{dn:?}");
-    let (status, page) = get_json(addr, "/api/p/tiny/t/scale/latents?min.frequency=0.02&max.frequency=0.03&limit=1000");
+    let (status, page) =
+        get_json(addr, "/api/p/tiny/t/scale/latents?min.frequency=0.02&max.frequency=0.03&limit=1000");
     assert_eq!(status, 200);
     let fi = cols.iter().position(|c| *c == "frequency").unwrap();
-    assert!(page["rows"].as_array().unwrap().iter().all(|r| (0.02..=0.03).contains(&r[fi].as_f64().unwrap())));
+    assert!(
+        page["rows"].as_array().unwrap().iter().all(|r| (0.02..=0.03).contains(&r[fi].as_f64().unwrap()))
+    );
 
     // A latent page: its row, and examples whose token activations peak at the example's activation.
     let (j, max_act) = chat_only_latent(addr);
@@ -244,7 +254,12 @@ fn api_on_the_tiny_pipeline() {
     );
     assert_eq!(status, 400);
     assert!(String::from_utf8_lossy(&body).contains("`latents[0].latent` = 256 is out of range"));
-    let (status, _, body) = http(addr, "POST", "/api/p/tiny/t/scale/steer", Some(&json!({"prompt": "hi", "max_new_tokens": 100000})));
+    let (status, _, body) = http(
+        addr,
+        "POST",
+        "/api/p/tiny/t/scale/steer",
+        Some(&json!({"prompt": "hi", "max_new_tokens": 100000})),
+    );
     assert!(status == 400 && String::from_utf8_lossy(&body).contains("`max_new_tokens`"));
 }
 
@@ -261,7 +276,9 @@ const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 impl Browser {
     fn start() -> Option<Browser> {
-        let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"].into_iter().find(|p| std::path::Path::new(p).exists());
+        let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists());
         let driver_bin = ["/usr/bin/chromedriver"].into_iter().find(|p| std::path::Path::new(p).exists());
         let (Some(chromium), Some(driver_bin)) = (chromium, driver_bin) else {
             assert!(
@@ -317,7 +334,8 @@ impl Browser {
     }
 
     fn try_call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, Value> {
-        let path = if path == "/session" { path.to_string() } else { format!("/session/{}{path}", self.session) };
+        let path =
+            if path == "/session" { path.to_string() } else { format!("/session/{}{path}", self.session) };
         let (status, _, bytes) = http(self.addr, method, &path, Some(&body.unwrap_or(json!({}))));
         let v: Value = serde_json::from_slice(&bytes).unwrap();
         if status == 200 { Ok(v["value"].clone()) } else { Err(v["value"].clone()) }
@@ -358,7 +376,8 @@ impl Browser {
     fn text(&self, css: &str) -> String {
         self.retry(css, || {
             let id = self.find(css);
-            self.try_call("GET", &format!("/element/{id}/text"), None).map(|v| v.as_str().unwrap().to_string())
+            self.try_call("GET", &format!("/element/{id}/text"), None)
+                .map(|v| v.as_str().unwrap().to_string())
         })
     }
 

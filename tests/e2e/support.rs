@@ -150,3 +150,11 @@ pub fn all(actions: &[(String, String)], action: &str) -> bool {
 pub fn read(p: &Path) -> Vec<u8> {
     std::fs::read(p).unwrap()
 }
+
+/// `pipelines/tiny.toml` with its asset paths made absolute, to be written into a test's folder.
+pub fn tiny_toml() -> String {
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(repo.join("pipelines/tiny.toml"))
+        .unwrap()
+        .replace("\"tiny/", &format!("\"{}/", repo.join("pipelines/tiny").display()))
+}

@@ -6,14 +6,7 @@ use std::time::{Duration, Instant};
 use candle_core::Device;
 use stages::train::load_crosscoder;
 
-use crate::support::Env;
-
-fn tiny_toml() -> String {
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    std::fs::read_to_string(repo.join("pipelines/tiny.toml"))
-        .unwrap()
-        .replace("\"tiny/", &format!("\"{}/", repo.join("pipelines/tiny").display()))
-}
+use crate::support::{Env, tiny_toml};
 
 /// The tiny pipeline with the train stage's table replaced by `train`.
 fn with_train(train: &str) -> String {
