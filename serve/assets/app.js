@@ -162,6 +162,8 @@ async function tablePage(pipeline, table, q) {
       h("button", { class: "secondary", onclick: () => { location.hash = base(p, v); } }, "Reset"),
       h("label", {}, "columns", h("select", { onchange: (e) => setQ({ all: e.target.value }) },
         h("option", { value: "" }, "main"), h("option", { value: "1", selected: all }, "all"))),
+      h("label", {}, "go to latent", h("input", { type: "number", min: 0, step: 1, id: "goto", placeholder: "id",
+        onkeydown: (e) => { if (e.key === "Enter" && e.target.value !== "") location.hash = `${base(p, v)}/latent/${+e.target.value}`; } })),
       v.can_steer ? h("a", { href: base(p, v) + "/steer" }, "Steering →") : null),
     h("div", { class: "pager" },
       h("button", { class: "secondary", disabled: offset === 0, onclick: () => setQ({ offset: Math.max(0, offset - limit) }) }, "‹ prev"),

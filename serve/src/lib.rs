@@ -186,11 +186,7 @@ fn find(cat: &Catalog, pipeline: &str, table: &str) -> Result<(PipelineEntry, Vi
     Ok((p.clone(), v))
 }
 
-fn table_of(
-    app: &App,
-    p: &PipelineEntry,
-    stage: &str,
-) -> Result<Arc<stages::latents::LatentTable>, ApiError> {
+fn table_of(app: &App, p: &PipelineEntry, stage: &str) -> Result<Arc<tables::Loaded>, ApiError> {
     let s = p.stage(stage).ok_or_else(|| ApiError::not_found(format!("no stage `{stage}`")))?;
     let o =
         s.object.as_ref().ok_or_else(|| ApiError::not_found(format!("`{stage}` has no published object")))?;
@@ -240,12 +236,16 @@ async fn latent(
         let cat = app.catalog()?;
         let (p, v) = find(&cat, &pipeline, &table)?;
         let t = table_of(&app, &p, &v.table)?;
-        let mut row = tables::row(&t, j).ok_or_else(|| {
-            ApiError::not_found(format!("latent {j} is out of range: `{}` has {} latents", v.table, t.rows()))
+        let mut row = tables::row(&t.table, j).ok_or_else(|| {
+            ApiError::not_found(format!(
+                "latent {j} is out of range: `{}` has {} latents",
+                v.table,
+                t.table.rows()
+            ))
         })?;
         if let Some(stats) = &v.statistics {
             let s = table_of(&app, &p, stats)?;
-            for (k, val) in tables::row(&s, j).unwrap_or_default() {
+            for (k, val) in tables::row(&s.table, j).unwrap_or_default() {
                 row.entry(k).or_insert(val);
             }
         }
@@ -377,7 +377,10 @@ mod tests {
             kind: "plot".into(),
             stage_version: 1,
             preimage: json!({}),
-            files: files.iter().map(|f| FileEntry { path: f.to_string(), size: 1, blake3: String::new() }).collect(),
+            files: files
+                .iter()
+                .map(|f| FileEntry { path: f.to_string(), size: 1, blake3: String::new() })
+                .collect(),
             bytes: 1,
             metrics: BTreeMap::new(),
             produced_by: "plot".into(),
@@ -422,7 +425,11 @@ mod tests {
         let req = Request::builder().method(method).uri(uri).body(Body::from(body.to_string())).unwrap();
         let resp = router(app.clone()).oneshot(req).await.unwrap();
         let status = resp.status();
-        let mime = resp.headers().get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+        let mime = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
         let bytes = resp.into_body().collect().await.unwrap().to_bytes().to_vec();
         (status, mime, bytes)
     }
@@ -436,7 +443,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let app = app(dir.path());
         let (status, mime, bytes) = call(&app, "GET", "/files/p/s/a.png", "").await;
-        assert_eq!((status, mime.as_str(), bytes.as_slice()), (StatusCode::OK, "image/png", &b"png bytes"[..]));
+        assert_eq!(
+            (status, mime.as_str(), bytes.as_slice()),
+            (StatusCode::OK, "image/png", &b"png bytes"[..])
+        );
         let (status, mime, _) = call(&app, "GET", "/files/p/s/sub/b.svg", "").await;
         assert_eq!((status, mime.as_str()), (StatusCode::OK, "image/svg+xml"));
         for uri in [
@@ -451,7 +461,10 @@ mod tests {
             let (status, _, bytes) = call(&app, "GET", uri, "").await;
             assert_eq!(status, StatusCode::NOT_FOUND, "{uri}");
             let text = String::from_utf8_lossy(&bytes);
-            assert!(!text.contains("UNLISTED-CONTENT") && !text.contains("SECRET-CONTENT"), "{uri} leaked a file");
+            assert!(
+                !text.contains("UNLISTED-CONTENT") && !text.contains("SECRET-CONTENT"),
+                "{uri} leaked a file"
+            );
         }
         let (status, _, bytes) = call(&app, "GET", "/files/q/s/a.png", "").await;
         assert_eq!((status, error(&bytes)), (StatusCode::NOT_FOUND, "no pipeline `q`".to_string()));
@@ -488,7 +501,8 @@ mod tests {
     async fn steering_requests_are_checked_and_bounded() {
         let dir = tempfile::tempdir().unwrap();
         let app = app(dir.path());
-        let (status, _, bytes) = call(&app, "POST", "/api/p/p/t/s/steer", r#"{"prompt": "hi", "strength": 1}"#).await;
+        let (status, _, bytes) =
+            call(&app, "POST", "/api/p/p/t/s/steer", r#"{"prompt": "hi", "strength": 1}"#).await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
         assert!(error(&bytes).contains("unknown field `strength`"), "{}", error(&bytes));
         let (status, _, bytes) = call(&app, "POST", "/api/p/p/t/s/steer", r#"{"prompt": "hi"}"#).await;

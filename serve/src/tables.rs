@@ -12,22 +12,41 @@ use stages::latents::{Column, LatentTable};
 
 use crate::error::ApiError;
 
+/// A parsed table and the distinct values of its `class` column (for the filter menu).
+pub struct Loaded {
+    pub table: LatentTable,
+    pub classes: Vec<String>,
+}
+
+impl Loaded {
+    pub fn new(table: LatentTable) -> Loaded {
+        let classes = match table.get("class") {
+            Some(Column::Str(v)) => {
+                let distinct: std::collections::BTreeSet<&str> = v.iter().map(String::as_str).collect();
+                distinct.into_iter().map(str::to_string).collect()
+            }
+            _ => Vec::new(),
+        };
+        Loaded { table, classes }
+    }
+}
+
 /// Parsed tables, by object key (objects are immutable, so a key's table never changes).
 #[derive(Default)]
 pub struct Tables {
-    loaded: Mutex<HashMap<Key, Arc<LatentTable>>>,
+    loaded: Mutex<HashMap<Key, Arc<Loaded>>>,
 }
 
 /// Tables kept in memory at most (a paper-sized table is ~30 MB).
 const KEEP: usize = 8;
 
 impl Tables {
-    pub fn get(&self, key: Key, path: &Path) -> Result<Arc<LatentTable>, ApiError> {
+    pub fn get(&self, key: Key, path: &Path) -> Result<Arc<Loaded>, ApiError> {
         if let Some(t) = self.loaded.lock().expect("not poisoned").get(&key) {
             return Ok(t.clone());
         }
         let table = LatentTable::read_parquet(path).map_err(|e| ApiError::internal(e.to_string()))?;
-        let table = Arc::new(table);
+        let table = Arc::new(Loaded::new(table));
         let mut loaded = self.loaded.lock().expect("not poisoned");
         if loaded.len() >= KEEP {
             loaded.clear();
@@ -156,7 +175,8 @@ fn column<'a>(t: &'a LatentTable, name: &str) -> Result<&'a Column, ApiError> {
 
 /// Runs `q` on `t`. Sorting is stable (ties keep latent order) and puts missing values last in
 /// both directions.
-pub fn query(t: &LatentTable, q: &Query) -> Result<Page, ApiError> {
+pub fn query(loaded: &Loaded, q: &Query) -> Result<Page, ApiError> {
+    let t = &loaded.table;
     let n = t.rows();
     let mut idx: Vec<usize> = (0..n).collect();
     if let Some(class) = &q.class {
@@ -200,12 +220,6 @@ pub fn query(t: &LatentTable, q: &Query) -> Result<Page, ApiError> {
         .take(q.limit)
         .map(|&i| t.columns.iter().map(|(_, c)| cell(c, i)).collect())
         .collect();
-    let mut classes: Vec<String> = match t.get("class") {
-        Some(Column::Str(v)) => v.clone(),
-        _ => Vec::new(),
-    };
-    classes.sort();
-    classes.dedup();
     Ok(Page {
         columns: t.columns.iter().map(|(n, _)| n.clone()).collect(),
         types: t.columns.iter().map(|(_, c)| type_name(c)).collect(),
@@ -213,7 +227,7 @@ pub fn query(t: &LatentTable, q: &Query) -> Result<Page, ApiError> {
         rows_in_table: n,
         offset: q.offset,
         rows,
-        classes,
+        classes: loaded.classes.clone(),
     })
 }
 
@@ -226,7 +240,7 @@ pub fn row(t: &LatentTable, j: usize) -> Option<serde_json::Map<String, Value>> 
 mod tests {
     use super::*;
 
-    fn table() -> LatentTable {
+    fn table() -> Loaded {
         let mut t = LatentTable::default();
         t.push("latent", Column::I64(vec![0, 1, 2, 3])).unwrap();
         t.push(
@@ -235,7 +249,7 @@ mod tests {
         )
         .unwrap();
         t.push("nu", Column::F64(vec![0.5, f64::NAN, 0.1, 0.9])).unwrap();
-        t
+        Loaded::new(t)
     }
 
     fn pairs(p: &[(&str, &str)]) -> HashMap<String, String> {
