@@ -208,6 +208,41 @@ function tokenSpan(text, act, max) {
   }, shown);
 }
 
+// A histogram of one column over every latent (counts on a log scale), with this latent's value.
+const SVGNS = "http://www.w3.org/2000/svg";
+function svg(tag, attrs = {}, ...children) {
+  const el = document.createElementNS(SVGNS, tag);
+  for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, v);
+  for (const c of children) el.append(c);
+  return el;
+}
+const PLACES = [["delta_norm", "Δ_norm", 0, 1], ["dec_cos_sim", "decoder cosine", -1, 1],
+  ["nu_error", "νᵋ", -0.2, 1.5], ["nu_reconstruction", "νʳ", -0.2, 1.5]];
+function histogramFigure(hist, value, label) {
+  const W = 300, H = 120, L = 6, B = 22, n = hist.counts.length;
+  const top = Math.max(1, ...hist.counts.map((c) => Math.log10(1 + c)));
+  const x = (v) => L + ((v - hist.lo) / (hist.hi - hist.lo || 1)) * (W - 2 * L);
+  const bars = hist.counts.map((c, i) => {
+    const bh = (Math.log10(1 + c) / top) * (H - B - 8);
+    return svg("rect", { x: L + (i * (W - 2 * L)) / n, y: H - B - bh, width: Math.max(1, (W - 2 * L) / n - 1), height: bh, fill: "#9ecae1" });
+  });
+  const marks = value === null || value === undefined ? [] : [
+    svg("line", { x1: x(Math.min(hist.hi, Math.max(hist.lo, value))), x2: x(Math.min(hist.hi, Math.max(hist.lo, value))),
+      y1: 2, y2: H - B, stroke: "#d62728", "stroke-width": 2 })];
+  const text = (tx, anchor, s) => svg("text", { x: tx, y: H - 6, "font-size": 11, "text-anchor": anchor, fill: "#6b7280" }, s);
+  return h("figure", { class: "place" }, svg("svg", { viewBox: `0 0 ${W} ${H}`, width: W, height: H, role: "img" },
+    ...bars, ...marks, text(L, "start", fmt(hist.lo, 1)), text(W - L, "end", fmt(hist.hi, 1))),
+    h("figcaption", {}, `${label}: ${fmt(value)} `, h("span", { class: "muted" },
+      `(all latents, log counts${hist.missing ? `; ${fmt(hist.missing)} without a value` : ""})`)));
+}
+
+async function latentPlaces(p, v, row) {
+  const wanted = PLACES.filter(([k]) => k in row);
+  const hists = await Promise.all(wanted.map(([k, , lo, hi]) =>
+    api(`/api/p/${enc(p.name)}/t/${enc(v.table)}/histogram?column=${k}&bins=40&lo=${lo}&hi=${hi}`)));
+  return h("div", { class: "places", id: "places" }, hists.map((hist, i) => histogramFigure(hist, row[wanted[i][0]], wanted[i][1])));
+}
+
 async function latentPage(pipeline, table, j) {
   const [p, v] = viewOf(pipeline, table);
   crumbs([{ text: "pipelines", href: "#/" }, { text: p.name }, { text: v.table, href: base(p, v) }, { text: `latent ${j}` }]);
@@ -219,6 +254,7 @@ async function latentPage(pipeline, table, j) {
     h("h1", {}, `Latent ${j} `, classPill(row.class)),
     h("div", { class: "grid", id: "stats" }, STATS.filter(([k]) => k in row).map(([k, label]) =>
       h("div", { class: "stat" }, h("div", { class: "k" }, label), h("div", { class: "v" }, k === "class" ? row[k] : fmt(row[k]))))),
+    await latentPlaces(p, v, row),
     h("p", {},
       h("a", { href: `${base(p, v)}/latent/${Math.max(0, j - 1)}` }, "‹ previous"), " · ",
       h("a", { href: `${base(p, v)}/latent/${j + 1}` }, "next ›"),

@@ -7,6 +7,8 @@
 //!   one page of the latent table, filtered and sorted on the server ([`tables::query`]);
 //! - `GET /api/p/{pipeline}/t/{table}/latent/{j}?per_bucket=`: latent j's row (statistics
 //!   merged from the collect table) and its quantile examples ([`examples`]);
+//! - `GET /api/p/{pipeline}/t/{table}/histogram?column=&bins=&lo=&hi=`: one column's histogram
+//!   (the latent page marks the latent's place in it);
 //! - `POST /api/p/{pipeline}/t/{table}/steer`: steered and plain generations, streamed as
 //!   NDJSON events ([`steer`]);
 //! - `GET /files/{pipeline}/{stage}/{path}`: a file of a published object, only if the object's
@@ -93,6 +95,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/pipelines", get(pipelines))
         .route("/api/p/{pipeline}/t/{table}/latents", get(latents))
         .route("/api/p/{pipeline}/t/{table}/latent/{latent}", get(latent))
+        .route("/api/p/{pipeline}/t/{table}/histogram", get(histogram))
         .route("/api/p/{pipeline}/t/{table}/steer", post(steer_handler))
         .route("/files/{pipeline}/{stage}/{*path}", get(file))
         .fallback(|| async { ApiError::not_found("no such page or API route") })
@@ -204,6 +207,48 @@ async fn latents(
         let (p, v) = find(&cat, &pipeline, &table)?;
         let t = table_of(&app, &p, &v.table)?;
         tables::query(&t, &q).map(Json)
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+}
+
+async fn histogram(
+    State(app): State<Arc<App>>,
+    UrlPath((pipeline, table)): UrlPath<(String, String)>,
+    UrlQuery(params): UrlQuery<HashMap<String, String>>,
+) -> Result<Json<tables::Histogram>, ApiError> {
+    let (mut column, mut bins, mut lo, mut hi) = (None, 40usize, None, None);
+    for (k, v) in &params {
+        let number = || {
+            v.parse::<f64>()
+                .ok()
+                .filter(|x| x.is_finite())
+                .ok_or_else(|| ApiError::bad_request(format!("`{k}` must be a finite number, not {v:?}")))
+        };
+        match k.as_str() {
+            "column" => column = Some(v.clone()),
+            "bins" => {
+                bins = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=500).contains(n))
+                    .ok_or_else(|| ApiError::bad_request(format!("`bins` must be 1 to 500, not {v:?}")))?
+            }
+            "lo" => lo = Some(number()?),
+            "hi" => hi = Some(number()?),
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown query parameter `{k}` (expected column, bins, lo, hi)"
+                )));
+            }
+        }
+    }
+    let column = column.ok_or_else(|| ApiError::bad_request("`column` is required"))?;
+    tokio::task::spawn_blocking(move || {
+        let cat = app.catalog()?;
+        let (p, v) = find(&cat, &pipeline, &table)?;
+        let t = table_of(&app, &p, &v.table)?;
+        tables::histogram(&t.table, &column, bins, lo, hi).map(Json)
     })
     .await
     .map_err(|e| ApiError::internal(e.to_string()))?

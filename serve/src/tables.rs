@@ -231,6 +231,55 @@ pub fn query(loaded: &Loaded, q: &Query) -> Result<Page, ApiError> {
     })
 }
 
+/// A histogram of one numeric column: `bins` equal bins on [lo, hi] (the finite values' range
+/// unless given), values outside counted apart, NaN as missing.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct Histogram {
+    pub column: String,
+    pub lo: f64,
+    pub hi: f64,
+    pub counts: Vec<u64>,
+    pub below: u64,
+    pub above: u64,
+    pub missing: u64,
+}
+
+pub fn histogram(
+    t: &LatentTable,
+    name: &str,
+    bins: usize,
+    lo: Option<f64>,
+    hi: Option<f64>,
+) -> Result<Histogram, ApiError> {
+    let c = column(t, name)?;
+    if matches!(c, Column::Str(_)) {
+        return Err(ApiError::bad_request(format!("`{name}` is a text column: it has no histogram")));
+    }
+    let values: Vec<f64> = (0..t.rows()).map(|i| numeric(c, i).unwrap_or(f64::NAN)).collect();
+    let finite = values.iter().copied().filter(|x| x.is_finite());
+    let lo = lo.unwrap_or_else(|| finite.clone().fold(f64::INFINITY, f64::min));
+    let hi = hi.unwrap_or_else(|| finite.fold(f64::NEG_INFINITY, f64::max));
+    let (lo, hi) = if lo.is_finite() && hi.is_finite() { (lo, hi) } else { (0.0, 1.0) };
+    if hi < lo {
+        return Err(ApiError::bad_request("`lo` must not exceed `hi`"));
+    }
+    let width = if hi > lo { (hi - lo) / bins as f64 } else { 1.0 };
+    let mut h =
+        Histogram { column: name.to_string(), lo, hi, counts: vec![0; bins], below: 0, above: 0, missing: 0 };
+    for x in values {
+        if !x.is_finite() {
+            h.missing += 1;
+        } else if x < lo {
+            h.below += 1;
+        } else if x > hi {
+            h.above += 1;
+        } else {
+            h.counts[(((x - lo) / width) as usize).min(bins - 1)] += 1;
+        }
+    }
+    Ok(h)
+}
+
 /// Row `j` as a JSON object (column → value); `None` when out of range.
 pub fn row(t: &LatentTable, j: usize) -> Option<serde_json::Map<String, Value>> {
     (j < t.rows()).then(|| t.columns.iter().map(|(n, c)| (n.clone(), cell(c, j))).collect())
@@ -282,6 +331,16 @@ mod tests {
                 .unwrap();
         let page = query(&t, &q).unwrap();
         assert_eq!((ids(&page), page.total), (vec![2, 1], 4));
+    }
+
+    #[test]
+    fn histograms_bin_on_the_range_and_count_the_rest() {
+        let t = table();
+        let h = histogram(&t.table, "nu", 4, Some(0.0), Some(0.8)).unwrap();
+        assert_eq!((h.counts, h.below, h.above, h.missing), (vec![1, 0, 1, 0], 0, 1, 1));
+        let h = histogram(&t.table, "nu", 2, None, None).unwrap();
+        assert_eq!((h.lo, h.hi, h.counts), (0.1, 0.9, vec![1, 2]));
+        assert!(histogram(&t.table, "class", 2, None, None).is_err());
     }
 
     #[test]

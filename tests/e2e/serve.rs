@@ -205,6 +205,16 @@ fn api_on_the_tiny_pipeline() {
     assert!((peak - top["activation"].as_f64().unwrap()).abs() < 1e-6 && peak <= max_act + 1e-6, "{top}");
     assert!(buckets.iter().all(|b| b["examples"].as_array().unwrap().len() <= 3));
 
+    // A column's histogram over every latent accounts for each of them.
+    let (status, hist) =
+        get_json(addr, "/api/p/tiny/t/scale/histogram?column=nu_error&bins=20&lo=-0.2&hi=1.5");
+    assert_eq!((status, hist["counts"].as_array().unwrap().len()), (200, 20), "{hist}");
+    let counted: u64 = hist["counts"].as_array().unwrap().iter().map(|c| c.as_u64().unwrap()).sum::<u64>()
+        + ["below", "above", "missing"].iter().map(|k| hist[k].as_u64().unwrap()).sum::<u64>();
+    assert_eq!(counted, 256);
+    let (status, v) = get_json(addr, "/api/p/tiny/t/scale/histogram?column=class");
+    assert!(status == 400 && v["error"].as_str().unwrap().contains("text column"), "{v}");
+
     // Figures: the published bytes; nothing else.
     let (status, mime, png) = http(addr, "GET", "/files/tiny/plot/delta_norm.png", None);
     assert_eq!((status, mime.as_str()), (200, "image/png"));
@@ -437,6 +447,8 @@ fn browser_opens_a_latent_and_steers() {
     browser.wait_text("h1", |t| t.starts_with("Latent "));
     browser.find("#examples .example .tok[style]");
     assert!(browser.text("#stats").contains("Chat only"));
+    browser.find("#places svg rect");
+    assert!(browser.text("#places").contains("Δ_norm: 0."), "{}", browser.text("#places"));
     browser.screenshot("latent");
 
     browser.click("#steer-link");
