@@ -452,3 +452,18 @@ fn hugging_face_cache_references_and_parquet_splits() {
     assert_eq!(o.status.code(), Some(2), "{e}");
     assert!(e.contains("v2") && e.contains("main") && e.contains("bad.toml"), "{e}");
 }
+
+#[test]
+fn a_layer_the_models_lack_fails_the_stage_naming_it() {
+    let env = Env::pipe();
+    env.write("tiny.toml", &crate::support::tiny_toml());
+    let o = env.run(&["run", "tiny.toml", "--only", "cache_web", "--set", "stages.cache_web.layer=9"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("layer 9 is out of range")
+            && err.contains("config.json has 4 decoder blocks (layers 0..=3)"),
+        "{err}"
+    );
+    assert!(!env.ds().join("results/tiny/cache_web").exists(), "nothing published");
+}

@@ -336,24 +336,7 @@ fn run(p: &CacheParams, ctx: &mut StageContext) -> Result<(), StageError> {
         )));
     }
     for (dir, m) in [(&base_dir, &base), (&chat_dir, &chat)] {
-        if p.layer >= m.num_layers() {
-            return Err(StageError::failed(format!(
-                "layer {} is out of range: {} has {} decoder blocks (layers 0..={})",
-                p.layer,
-                dir.join("config.json").display(),
-                m.num_layers(),
-                m.num_layers() - 1
-            )));
-        }
-        if tokenizer.vocab_size() > m.vocab_size() {
-            return Err(StageError::failed(format!(
-                "the tokenizer in {} has {} tokens but the model in {} embeds only {}",
-                tok_dir.display(),
-                tokenizer.vocab_size(),
-                dir.display(),
-                m.vocab_size()
-            )));
-        }
+        check_fits(dir, m, p.layer, &tokenizer, &tok_dir)?;
     }
 
     let column = match p.column_type {
@@ -707,4 +690,33 @@ fn write_stats(path: &Path, w: &Welford, d: usize) -> Result<(), StageError> {
     let map: std::collections::HashMap<String, Tensor> =
         tensors.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
     candle_core::safetensors::save(&map, path).map_err(candle)
+}
+
+/// That block `layer` exists in the model in `dir` and that it embeds every token of the
+/// tokenizer loaded from `tok_dir` (the `cache` and `eval` stages' check of each model).
+pub(crate) fn check_fits(
+    dir: &Path,
+    m: &Model,
+    layer: usize,
+    tokenizer: &TextTokenizer,
+    tok_dir: &Path,
+) -> Result<(), StageError> {
+    if layer >= m.num_layers() {
+        return Err(StageError::failed(format!(
+            "layer {layer} is out of range: {} has {} decoder blocks (layers 0..={})",
+            dir.join("config.json").display(),
+            m.num_layers(),
+            m.num_layers() - 1
+        )));
+    }
+    if tokenizer.vocab_size() > m.vocab_size() {
+        return Err(StageError::failed(format!(
+            "the tokenizer in {} has {} tokens but the model in {} embeds only {}",
+            tok_dir.display(),
+            tokenizer.vocab_size(),
+            dir.display(),
+            m.vocab_size()
+        )));
+    }
+    Ok(())
 }

@@ -342,24 +342,7 @@ fn run(p: &EvalParams, ctx: &mut StageContext) -> Result<(), StageError> {
                 m.hidden_size()
             )));
         }
-        if p.layer >= m.num_layers() {
-            return Err(StageError::failed(format!(
-                "layer {} is out of range: {} has {} decoder blocks (layers 0..={})",
-                p.layer,
-                dir.join("config.json").display(),
-                m.num_layers(),
-                m.num_layers() - 1
-            )));
-        }
-        if tokenizer.vocab_size() > m.vocab_size() {
-            return Err(StageError::failed(format!(
-                "the tokenizer in {} has {} tokens but the model in {} embeds only {}",
-                chat_dir.display(),
-                tokenizer.vocab_size(),
-                dir.display(),
-                m.vocab_size()
-            )));
-        }
+        crate::cache::stage::check_fits(dir, m, p.layer, &tokenizer, &chat_dir)?;
     }
     if base.vocab_size() != chat.vocab_size() {
         return Err(StageError::failed(format!(
