@@ -336,7 +336,7 @@ fn run(p: &CacheParams, ctx: &mut StageContext) -> Result<(), StageError> {
         )));
     }
     for (dir, m) in [(&base_dir, &base), (&chat_dir, &chat)] {
-        check_fits(dir, m, p.layer, &tokenizer, &tok_dir)?;
+        check_fits(dir, m, p.layer, &tokenizer, tok_dir)?;
     }
 
     let column = match p.column_type {
