@@ -235,7 +235,7 @@ pub fn main_with(registry: Registry) -> ExitCode {
                 eprintln!("interrupted again: exiting now (partials stay resumable)");
                 std::process::exit(exit::INTERRUPTED as i32);
             }
-            eprintln!("interrupted: stopping running stages (press Ctrl-C again to exit now)");
+            eprintln!("interrupted: stopping (running stages end cleanly; press Ctrl-C again to exit now)");
             cancel.cancel();
         });
     }
