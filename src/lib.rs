@@ -37,7 +37,7 @@ pub const DEFAULT_DATASTORE: &str = "./datastore";
     long_about = "Runs the stages of a pipeline file (TOML) in dependency order. Every stage's output is \
 stored under its blake3 key in the datastore, so unchanged stages are skipped, interrupted stages resume, \
 and two pipelines can be compared stage by stage.",
-    after_help = "Examples:\n  pipe run pipelines/tiny.toml\n  pipe plan pipelines/llama8b.toml --set stages.train.k=64\n  pipe status pipelines/tiny.toml --json\n  pipe diff pipelines/l1.toml pipelines/batchtopk.toml\n  pipe report pipelines/tiny.toml\n  pipe gc --keep pipelines/tiny.toml --dry-run\n\nDatastore: --datastore > $DATASTORE > [pipeline] datastore > ./datastore"
+    after_help = "Examples:\n  pipe run pipelines/tiny.toml\n  pipe plan pipelines/llama8b.toml --set stages.train.k=64\n  pipe status pipelines/tiny.toml --json\n  pipe diff pipelines/l1.toml pipelines/batchtopk.toml\n  pipe report pipelines/tiny.toml\n  pipe serve pipelines/tiny.toml\n  pipe gc --keep pipelines/tiny.toml --dry-run\n\nDatastore: --datastore > $DATASTORE > [pipeline] datastore > ./datastore"
 )]
 pub struct Cli {
     /// Datastore root (overrides $DATASTORE and the pipeline's `datastore`).
