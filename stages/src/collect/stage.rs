@@ -518,6 +518,7 @@ pub fn collect(
         has_template: templates.len() == caches.len() && templates.iter().all(Option::is_some),
     };
     let batch = p.batch_size.max(1) as u64;
+    let budget = memory_available().map(|m| m / 10 * 9);
     for (k, cache) in caches.iter().enumerate() {
         let template = templates.get(k).and_then(Option::as_deref).unwrap_or(&[]);
         let used = used_tokens(cache, p.max_tokens_per_cache);
@@ -580,6 +581,8 @@ pub fn collect(
                     }
                 }
             }
+            let stored = out.csr.values.len() + entries.len();
+            check_memory(stored as u64, out.total_tokens + end, f, budget, p.min_activation)?;
             on_batch(end - start)?;
             start = end;
         }
@@ -594,6 +597,47 @@ pub fn collect(
         out.datasets.push(stats);
     }
     Ok(out)
+}
+
+/// Peak bytes per stored activation: the CSR's (sequence, position, latent) u32s and f32 value
+/// (16 B, up to twice that while its vectors grow), the u64 by-latent index (8 B), and the
+/// tensor copies `activations.safetensors` is written from (24 B). A run whose CSR held dense
+/// codes was killed at 24 GiB with an estimate of 24 B per entry still under budget.
+const BYTES_PER_ENTRY: u64 = 16 * 2 + 8 + 24;
+
+/// `MemAvailable` of /proc/meminfo, in bytes (None where it cannot be read).
+fn memory_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Fails, before the kernel kills the process, once the activations stored so far (`entries`
+/// over `tokens` tokens) need more than `budget` bytes: codes that dense mean an untrained
+/// threshold or a too-low `min_activation`, and the error says so.
+fn check_memory(
+    entries: u64,
+    tokens: u64,
+    latents: usize,
+    budget: Option<u64>,
+    min_activation: f64,
+) -> Result<(), StageError> {
+    let Some(budget) = budget else { return Ok(()) };
+    let need = entries * BYTES_PER_ENTRY;
+    if need <= budget {
+        return Ok(());
+    }
+    let per_token = entries as f64 / tokens.max(1) as f64;
+    Err(StageError::failed(format!(
+        "the stored activations outgrow memory: after {tokens} tokens, {entries} activations above \
+         min_activation = {min_activation} ({per_token:.0} of {latents} latents per token) need \
+         {:.1} GB, more than the {:.1} GB available. Codes this dense mean the crosscoder has no \
+         trained threshold or fires on most tokens; raise `min_activation`, lower \
+         `max_tokens_per_cache`, or check the crosscoder (its training metrics' L0)",
+        need as f64 / 1e9,
+        budget as f64 / 1e9
+    )))
 }
 
 #[cfg(test)]
@@ -775,6 +819,19 @@ mod tests {
     fn batches_crossing_documents_change_nothing() {
         check(Some(0.2), 3);
         check(None, 1);
+    }
+
+    #[test]
+    fn dense_codes_fail_with_a_clear_error_before_memory_runs_out() {
+        assert!(check_memory(1_000, 10, 64, None, 0.0).is_ok(), "no budget, no check");
+        assert!(check_memory(1_000, 10, 64, Some(1_000 * BYTES_PER_ENTRY), 0.0).is_ok());
+        let e = check_memory(1_001, 10, 64, Some(1_000 * BYTES_PER_ENTRY), 0.25).unwrap_err().to_string();
+        assert!(
+            e.contains("after 10 tokens, 1001 activations above min_activation = 0.25 (100 of 64"),
+            "{e}"
+        );
+        assert!(e.contains("raise `min_activation`"), "{e}");
+        assert!(memory_available().is_some_and(|m| m > 0), "Linux has /proc/meminfo");
     }
 
     #[test]
