@@ -342,6 +342,8 @@ async fn steer_handler(
         crosscoder_dir: dir(cc).expect("a view's crosscoder is published"),
         cache_dir: dir(cache).ok_or_else(|| ApiError::conflict(format!("`{cache}` is not published")))?,
     };
+    // What can be checked without the crosscoder is checked before its models are loaded.
+    steer::check(&req, &app.opts.limits, usize::MAX)?;
     let steering = app.steering.clone();
     let loaded = tokio::task::spawn_blocking(move || steering.load(&src))
         .await
