@@ -308,10 +308,7 @@ fn generate_inner(
         Side::Base => &l.base,
         Side::Chat => &l.chat,
     };
-    let device = match model {
-        Model::Llama(m) => m.device().clone(),
-        Model::Gemma2(m) => m.device().clone(),
-    };
+    let device = model.device().clone();
     let text = if req.raw {
         req.prompt.clone()
     } else {
@@ -348,7 +345,7 @@ fn generate_inner(
     }
     let candle = |e: candle_core::Error| e.to_string();
     let delta =
-        Tensor::from_vec(delta, l.d, &device).and_then(|t| t.to_dtype(model_dtype(model))).map_err(candle)?;
+        Tensor::from_vec(delta, l.d, &device).and_then(|t| t.to_dtype(model.dtype())).map_err(candle)?;
     let mut streams = vec![Stream {
         name: "steered",
         ids: prompt.clone(),
@@ -415,13 +412,6 @@ fn generate_inner(
     }
     emit(Event::Done);
     Ok(())
-}
-
-fn model_dtype(m: &Model) -> DType {
-    match m {
-        Model::Llama(m) => m.dtype(),
-        Model::Gemma2(m) => m.dtype(),
-    }
 }
 
 /// Greedy (lowest id among equal maxima) at temperature 0, else a seeded draw from

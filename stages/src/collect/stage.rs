@@ -98,12 +98,7 @@ impl Stage for CollectStage {
 
     fn inputs(&self) -> Vec<InputSpec> {
         vec![
-            InputSpec::stage_of(
-                "crosscoder",
-                &["train", "crosscoder"],
-                Arity::One,
-                "The crosscoder: a `train` stage or an imported `crosscoder`.",
-            ),
+            crate::train::crosscoder_input(),
             InputSpec::stage_of(
                 "activations",
                 &["cache"],

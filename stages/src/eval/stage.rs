@@ -143,12 +143,7 @@ impl Stage for EvalStage {
                  Hugging Face dataset cache reference.",
             )
             .with_resolver(crate::hf::dataset_ref),
-            InputSpec::stage_of(
-                "crosscoder",
-                &["train", "crosscoder"],
-                Arity::One,
-                "The crosscoder: a `train` stage or an imported `crosscoder`.",
-            ),
+            crate::train::crosscoder_input(),
             InputSpec::stage_of(
                 "latents",
                 &["scale"],

@@ -101,6 +101,21 @@ impl Model {
         }
     }
 
+    pub fn device(&self) -> &Device {
+        match self {
+            Self::Llama(m) => m.device(),
+            Self::Gemma2(m) => m.device(),
+        }
+    }
+
+    /// The dtype the weights were loaded in.
+    pub fn dtype(&self) -> DType {
+        match self {
+            Self::Llama(m) => m.dtype(),
+            Self::Gemma2(m) => m.dtype(),
+        }
+    }
+
     pub fn num_layers(&self) -> usize {
         match self {
             Self::Llama(m) => m.num_layers(),

@@ -73,7 +73,7 @@ impl Stage for ScaleStage {
 
     fn inputs(&self) -> Vec<InputSpec> {
         vec![
-            InputSpec::stage_of("crosscoder", &["train", "crosscoder"], Arity::One, "The crosscoder."),
+            crate::train::crosscoder_input(),
             InputSpec::stage_of(
                 "activations",
                 &["cache"],

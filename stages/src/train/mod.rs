@@ -8,3 +8,13 @@ pub mod stage;
 
 pub use import::{CrosscoderImport, ImportParams};
 pub use stage::{LossKind, TrainEnv, TrainParams, TrainStage, load_crosscoder, load_normalizer, train};
+
+/// The `crosscoder` input of the stages that analyse a crosscoder (`collect`, `scale`, `eval`).
+pub const fn crosscoder_input() -> engine::InputSpec {
+    engine::InputSpec::stage_of(
+        "crosscoder",
+        &["train", "crosscoder"],
+        engine::Arity::One,
+        "The crosscoder: a `train` stage or an imported `crosscoder`.",
+    )
+}
