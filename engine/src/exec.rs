@@ -11,7 +11,7 @@ use crate::config::Pipeline;
 use crate::graph::Dag;
 use crate::plan::{Action, Plan, StagePlan};
 use crate::progress::Progress;
-use crate::stage::{Cancel, DeviceUse, Registry, StageContext, StageError, Upstream};
+use crate::stage::{Cancel, DeviceUse, Portion, Registry, StageContext, StageError, Upstream};
 use crate::store::{
     KeyLock, Object, PublishInfo, RunRecord, StageRecord, Store, StoreError, rfc3339, write_json,
 };
@@ -214,12 +214,16 @@ pub fn run(
                         let dev = device.clone().unwrap_or_else(|| "cpu".into());
                         // A panic outside the stage (the stage's own is caught in `execute`) must still
                         // report back, or the scheduler would wait for this stage forever.
-                        let (outcome, object) = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                            execute(p, registry, store, s, upstream, dev, cancel)
+                        let done = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                            execute(p, registry, store, s, upstream, dev, cancel, Mode::Whole)
                         }))
                         .unwrap_or_else(|_| {
-                            (Outcome::Failed("internal error: the executor panicked".into()), None)
+                            Executed::of(
+                                Outcome::Failed("internal error: the executor panicked".into()),
+                                None,
+                            )
                         });
+                        let (outcome, object) = (done.outcome, done.object);
                         let _ = tx.send(Done { name: decl_name, device, outcome, object });
                     });
                 }
@@ -315,15 +319,36 @@ fn upstreams(
     out
 }
 
-/// Waits for the key's lock, polling so that Ctrl-C still works while another process holds it.
-fn acquire(store: &Store, s: &StagePlan, cancel: &Cancel) -> Result<Option<KeyLock>, StoreError> {
+/// Waits for a lock, polling so that Ctrl-C still works while another process holds it.
+fn acquire(
+    store: &Store,
+    s: &StagePlan,
+    cancel: &Cancel,
+    part: Option<usize>,
+) -> Result<Option<KeyLock>, StoreError> {
     let mut waited = false;
     loop {
-        if let Some(l) = store.try_lock(&s.key)? {
+        let on_lost = {
+            let cancel = cancel.clone();
+            move || cancel.cancel()
+        };
+        let got = match part {
+            None => store.try_lock_watched(&s.key, on_lost)?,
+            Some(i) => store.try_lock_part(&s.key, i, on_lost)?,
+        };
+        if let Some(l) = got {
             return Ok(Some(l));
         }
         if !waited {
-            tracing::info!(stage = %s.name, key = %s.key.short(), "another pipe process is computing this key; waiting for it");
+            let by = store.lock_holder(&s.key).map(|h| format!(" ({})", h.describe())).unwrap_or_default();
+            match part {
+                None => {
+                    tracing::info!(stage = %s.name, key = %s.key.short(), "another pipe process{by} is computing this key; waiting for it")
+                }
+                Some(i) => {
+                    tracing::info!(stage = %s.name, key = %s.key.short(), "another pipe process is computing part {i}; waiting for it")
+                }
+            }
             waited = true;
         }
         if cancel.is_cancelled() {
@@ -333,6 +358,67 @@ fn acquire(store: &Store, s: &StagePlan, cancel: &Cancel) -> Result<Option<KeyLo
     }
 }
 
+/// What one call of [`execute_one`] does with a stage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Compute and publish the stage (the parts of an earlier split first, if there is one).
+    Whole,
+    /// Split the stage into at most this many parts (see [`crate::Stage::split`]); publishes
+    /// nothing.
+    Split { max_parts: usize },
+    /// Compute one part of an earlier split; publishes nothing.
+    Part(usize),
+}
+
+/// How one [`execute_one`] call ended.
+#[derive(Clone, Debug)]
+pub struct Executed {
+    pub outcome: Outcome,
+    pub object: Option<Object>,
+    /// After [`Mode::Split`]: how many parts there are.
+    pub parts: Option<usize>,
+}
+
+impl Executed {
+    fn of(outcome: Outcome, object: Option<Object>) -> Self {
+        Self { outcome, object, parts: None }
+    }
+}
+
+/// Runs one stage of a plan in this process, as a cluster job does (`pipe exec-stage`): its
+/// upstreams must be published. Locks, resume and publishing are as in [`run`].
+pub fn execute_one(
+    p: &Pipeline,
+    registry: &Registry,
+    store: &Store,
+    plan: &Plan,
+    stage: &str,
+    device: String,
+    cancel: Cancel,
+    mode: Mode,
+) -> Result<Executed, ExecError> {
+    let s = plan.stage(stage).ok_or_else(|| ExecError::UnknownStage(stage.to_string()))?;
+    let mut objects = BTreeMap::new();
+    for up in Dag::new(p).parents(stage) {
+        let ups = plan.stage(&up).ok_or_else(|| ExecError::UnknownStage(up.clone()))?;
+        match store.lookup(&ups.kind, &ups.key)? {
+            Some(obj) => {
+                objects.insert(up.clone(), obj);
+            }
+            None => {
+                return Ok(Executed::of(Outcome::Blocked(format!("upstream `{up}` is not published")), None));
+            }
+        }
+    }
+    let inputs = upstreams(p, s, &objects, &plan.stages);
+    let done = execute(p, registry, store, s, inputs, device, cancel, mode);
+    if let Some(obj) = &done.object {
+        link(store, p, stage, obj);
+    }
+    Ok(done)
+}
+
+#[allow(clippy::too_many_arguments)]
 fn execute(
     p: &Pipeline,
     registry: &Registry,
@@ -341,32 +427,50 @@ fn execute(
     inputs: BTreeMap<String, Vec<Upstream>>,
     device: String,
     cancel: Cancel,
-) -> (Outcome, Option<Object>) {
+    mode: Mode,
+) -> Executed {
     let span = tracing::info_span!("stage", name = %s.name);
     let _enter = span.enter();
     let fail = |e: &dyn std::fmt::Display| {
         tracing::error!(stage = %s.name, "{e}");
-        (Outcome::Failed(e.to_string()), None)
+        Executed::of(Outcome::Failed(e.to_string()), None)
     };
-    let lock = match acquire(store, s, &cancel) {
-        Ok(Some(l)) => l,
-        Ok(None) => return (Outcome::Cancelled, None),
-        Err(e) => return fail(&e),
-    };
-    let forced = s.action == Action::Run && s.object.is_some();
-    if !forced {
-        // Another process may have published it while we waited.
-        match store.lookup(&s.kind, &s.key) {
-            Ok(Some(obj)) => return (Outcome::Cached, Some(obj)),
-            Ok(None) => {}
-            Err(e) => return fail(&e),
-        }
-    } else if let Err(e) = store.discard_partial(&s.kind, &s.key, &lock) {
-        return fail(&e);
-    }
     let Some(kind) = registry.get(&s.kind) else {
         return fail(&format!("unknown stage kind `{}`", s.kind));
     };
+    let forced = s.action == Action::Run && s.object.is_some();
+    let part = match mode {
+        Mode::Part(i) => Some(i),
+        _ => None,
+    };
+    if part.is_some() && !forced {
+        // A part needs no key lock, only its own; a published object makes it moot.
+        match store.lookup(&s.kind, &s.key) {
+            Ok(Some(obj)) => return Executed::of(Outcome::Cached, Some(obj)),
+            Ok(None) => {}
+            Err(e) => return fail(&e),
+        }
+    }
+    let lock = match acquire(store, s, &cancel, part) {
+        Ok(Some(l)) => l,
+        Ok(None) => return Executed::of(Outcome::Cancelled, None),
+        Err(e) => return fail(&e),
+    };
+    if let Some(i) = part {
+        return execute_part(p, kind, store, s, inputs, device, cancel, i, &lock);
+    }
+    if !forced {
+        // Another process may have published it while we waited.
+        match store.lookup(&s.kind, &s.key) {
+            Ok(Some(obj)) => return Executed::of(Outcome::Cached, Some(obj)),
+            Ok(None) => {}
+            Err(e) => return fail(&e),
+        }
+    } else if mode == Mode::Whole
+        && let Err(e) = store.discard_partial(&s.kind, &s.key, &lock)
+    {
+        return fail(&e);
+    }
     let work = match store.begin(&s.kind, &s.preimage, &lock) {
         Ok(w) => w,
         Err(e) => return fail(&e),
@@ -374,76 +478,243 @@ fn execute(
     if let Err(e) = crate::logging::open(&s.name, &work.log) {
         tracing::warn!("cannot open the stage log {}: {e}", work.log.display());
     }
-    let decl = p.stage(&s.name);
-    let external = decl
-        .map(|d| d.external.iter().map(|e| (e.role.clone(), e.paths.clone())).collect())
-        .unwrap_or_default();
     let progress = Progress::for_stage(&s.name, work.progress.clone(), work.resumed);
-    let mut ctx = StageContext {
-        name: s.name.clone(),
-        key: s.key,
-        work_dir: work.scratch.clone(),
-        out_dir: work.out.clone(),
-        resumed: work.resumed,
-        inputs,
-        external,
-        device,
-        progress: progress.clone(),
-        cancel,
-        metrics: BTreeMap::new(),
-    };
-    tracing::info!(
-        "{} {} ({}) key {} on {}",
-        if work.resumed { "resuming" } else { "running" },
-        s.name,
-        s.kind,
-        s.key.short(),
-        ctx.device
-    );
+    let mut ctx =
+        context(p, s, &work.scratch, &work.out, work.resumed, inputs, device, &progress, cancel.clone());
     let t0 = Instant::now();
     let started = SystemTime::now();
-    let result = std::panic::catch_unwind(AssertUnwindSafe(|| kind.run(&s.run_params, &mut ctx)))
-        .unwrap_or_else(|panic| {
-            let msg = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            Err(StageError::failed(format!("the stage panicked: {msg}")))
-        });
-    progress.finish();
-    let out = match result {
-        Ok(()) => {
-            let resumed = work.resumed;
-            let info = PublishInfo {
-                preimage: &s.preimage,
-                metrics: std::mem::take(&mut ctx.metrics),
-                produced_by: &s.name,
-                started,
-                resumed,
+    let out = match mode {
+        Mode::Split { max_parts } => {
+            let result = match store.split_count(&s.kind, &s.key) {
+                Some(n) => Ok(n),
+                None => guarded(|| kind.split(&s.run_params, &mut ctx, max_parts.max(1))).and_then(|n| {
+                    store.write_split(&work, n.max(1), &lock).map(|()| n.max(1)).map_err(StageError::other)
+                }),
             };
-            let secs = t0.elapsed().as_secs_f64();
-            tracing::info!("finished {} in {secs:.2}s", s.name);
-            // The log stays open through publishing, so a publish error lands in it too.
-            match store.publish(work, info, &lock) {
-                Ok(obj) => (Outcome::Done { seconds: secs, resumed }, Some(obj)),
-                Err(e) => fail(&e),
+            progress.finish();
+            match result {
+                Ok(n) => {
+                    tracing::info!("{} split into {n} part{}", s.name, if n == 1 { "" } else { "s" });
+                    let secs = t0.elapsed().as_secs_f64();
+                    Executed {
+                        outcome: Outcome::Done { seconds: secs, resumed: work.resumed },
+                        object: None,
+                        parts: Some(n),
+                    }
+                }
+                Err(e) => ended(s, e),
             }
         }
-        Err(StageError::Cancelled) => {
-            tracing::warn!("{} cancelled; its work dir is kept for resuming", s.name);
-            (Outcome::Cancelled, None)
-        }
-        Err(e) => {
-            let msg = error_chain(&e);
-            tracing::error!("{} failed: {msg}", s.name);
-            (Outcome::Failed(msg), None)
+        Mode::Whole | Mode::Part(_) => {
+            tracing::info!(
+                "{} {} ({}) key {} on {}",
+                if work.resumed { "resuming" } else { "running" },
+                s.name,
+                s.kind,
+                s.key.short(),
+                ctx.device
+            );
+            let result = match store.split_count(&s.kind, &s.key).filter(|&n| n > 1) {
+                None => guarded(|| kind.run(&s.run_params, &mut ctx)),
+                Some(n) => run_parts(kind, store, s, &mut ctx, n, &cancel).and_then(|()| {
+                    ctx.portion = Portion::Assemble { count: n };
+                    guarded(|| kind.run(&s.run_params, &mut ctx))
+                }),
+            };
+            progress.finish();
+            match result {
+                Ok(()) => {
+                    let resumed = work.resumed;
+                    let info = PublishInfo {
+                        preimage: &s.preimage,
+                        metrics: std::mem::take(&mut ctx.metrics),
+                        produced_by: &s.name,
+                        started,
+                        resumed,
+                    };
+                    let secs = t0.elapsed().as_secs_f64();
+                    tracing::info!("finished {} in {secs:.2}s", s.name);
+                    if lock.is_lost() {
+                        fail(&"the stage's lock was broken by another machine; nothing was published")
+                    } else {
+                        // The log stays open through publishing, so a publish error lands in it too.
+                        match store.publish(work, info, &lock) {
+                            Ok(obj) => Executed::of(Outcome::Done { seconds: secs, resumed }, Some(obj)),
+                            Err(e) => fail(&e),
+                        }
+                    }
+                }
+                Err(e) => ended(s, e),
+            }
         }
     };
     // One close for every outcome (it fsyncs the log wherever the rename put it).
     crate::logging::close(&s.name);
     drop(lock);
     out
+}
+
+/// The parts of a split that are not done yet, one after the other, each under its own lock
+/// (waiting for parts that other processes compute).
+fn run_parts(
+    kind: &dyn crate::stage::DynStage,
+    store: &Store,
+    s: &StagePlan,
+    ctx: &mut StageContext,
+    count: usize,
+    cancel: &Cancel,
+) -> Result<(), StageError> {
+    for index in 0..count {
+        if store.part_done(&s.kind, &s.key, index) {
+            continue;
+        }
+        let Some(lock) = acquire(store, s, cancel, Some(index)).map_err(StageError::other)? else {
+            return Err(StageError::Cancelled);
+        };
+        if store.part_done(&s.kind, &s.key, index) {
+            continue;
+        }
+        tracing::info!("{}: part {index} of {count}", s.name);
+        ctx.portion = Portion::Part { index, count };
+        guarded(|| kind.run(&s.run_params, ctx))?;
+        if lock.is_lost() {
+            return Err(StageError::failed(format!(
+                "the lock of part {index} was broken by another machine"
+            )));
+        }
+        store.mark_part_done(&s.kind, &s.key, index, &lock).map_err(StageError::other)?;
+    }
+    Ok(())
+}
+
+/// One part of a split, as a job of an array runs it: logged beside the part, never published.
+#[allow(clippy::too_many_arguments)]
+fn execute_part(
+    p: &Pipeline,
+    kind: &dyn crate::stage::DynStage,
+    store: &Store,
+    s: &StagePlan,
+    inputs: BTreeMap<String, Vec<Upstream>>,
+    device: String,
+    cancel: Cancel,
+    index: usize,
+    lock: &KeyLock,
+) -> Executed {
+    let fail = |e: &dyn std::fmt::Display| {
+        tracing::error!(stage = %s.name, "{e}");
+        Executed::of(Outcome::Failed(e.to_string()), None)
+    };
+    let Some(count) = store.split_count(&s.kind, &s.key) else {
+        return fail(&format!(
+            "stage `{}` has not been split (no {}/split.json)",
+            s.name,
+            store.work_root(&s.kind, &s.key).display()
+        ));
+    };
+    if index >= count {
+        return fail(&format!(
+            "part {index} does not exist: stage `{}` was split into {count} parts",
+            s.name
+        ));
+    }
+    if store.part_done(&s.kind, &s.key, index) {
+        return Executed::of(Outcome::Cached, None);
+    }
+    let work = match store.begin(&s.kind, &s.preimage, lock) {
+        Ok(w) => w,
+        Err(e) => return fail(&e),
+    };
+    let log = store.part_path(&s.kind, &s.key, index, "log");
+    if let Err(e) = crate::logging::open(&s.name, &log) {
+        tracing::warn!("cannot open the part log {}: {e}", log.display());
+    }
+    let progress =
+        Progress::for_stage(&s.name, store.part_path(&s.kind, &s.key, index, "progress.json"), work.resumed);
+    let mut ctx = context(p, s, &work.scratch, &work.out, work.resumed, inputs, device, &progress, cancel);
+    ctx.portion = Portion::Part { index, count };
+    tracing::info!(
+        "running part {index} of {count} of {} ({}) key {} on {}",
+        s.name,
+        s.kind,
+        s.key.short(),
+        ctx.device
+    );
+    let t0 = Instant::now();
+    let result = guarded(|| kind.run(&s.run_params, &mut ctx));
+    progress.finish();
+    let out = match result {
+        Ok(()) if lock.is_lost() => fail(&format!("the lock of part {index} was broken by another machine")),
+        Ok(()) => match store.mark_part_done(&s.kind, &s.key, index, lock) {
+            Ok(()) => {
+                let secs = t0.elapsed().as_secs_f64();
+                tracing::info!("finished part {index} of {} in {secs:.2}s", s.name);
+                Executed::of(Outcome::Done { seconds: secs, resumed: work.resumed }, None)
+            }
+            Err(e) => fail(&e),
+        },
+        Err(e) => ended(s, e),
+    };
+    crate::logging::close(&s.name);
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
+fn context(
+    p: &Pipeline,
+    s: &StagePlan,
+    scratch: &std::path::Path,
+    out: &std::path::Path,
+    resumed: bool,
+    inputs: BTreeMap<String, Vec<Upstream>>,
+    device: String,
+    progress: &Progress,
+    cancel: Cancel,
+) -> StageContext {
+    let external = p
+        .stage(&s.name)
+        .map(|d| d.external.iter().map(|e| (e.role.clone(), e.paths.clone())).collect())
+        .unwrap_or_default();
+    StageContext {
+        name: s.name.clone(),
+        key: s.key,
+        work_dir: scratch.to_path_buf(),
+        out_dir: out.to_path_buf(),
+        resumed,
+        inputs,
+        external,
+        device,
+        progress: progress.clone(),
+        cancel,
+        metrics: BTreeMap::new(),
+        portion: Portion::Whole,
+    }
+}
+
+/// Runs stage code, turning a panic into a stage error.
+fn guarded<T>(f: impl FnOnce() -> Result<T, StageError>) -> Result<T, StageError> {
+    std::panic::catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let msg = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        Err(StageError::failed(format!("the stage panicked: {msg}")))
+    })
+}
+
+/// The outcome of a stage error.
+fn ended(s: &StagePlan, e: StageError) -> Executed {
+    match e {
+        StageError::Cancelled => {
+            tracing::warn!("{} cancelled; its work dir is kept for resuming", s.name);
+            Executed::of(Outcome::Cancelled, None)
+        }
+        e => {
+            let msg = error_chain(&e);
+            tracing::error!("{} failed: {msg}", s.name);
+            Executed::of(Outcome::Failed(msg), None)
+        }
+    }
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

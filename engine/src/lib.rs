@@ -8,6 +8,7 @@ pub mod exec;
 pub mod graph;
 pub mod hash;
 pub mod key;
+pub mod lease;
 pub mod logging;
 pub mod plan;
 pub mod progress;
@@ -19,6 +20,6 @@ pub mod store;
 
 pub use key::{Canon, Key};
 pub use stage::{
-    Arity, Cancel, Compared, DeviceUse, InputSource, InputSpec, ParamError, Registry, Stage, StageContext,
-    StageError, Upstream,
+    Arity, Cancel, Compared, DeviceUse, InputSource, InputSpec, ParamError, Portion, Registry, Stage,
+    StageContext, StageError, Upstream,
 };

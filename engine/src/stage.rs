@@ -160,6 +160,8 @@ pub trait Stage: Send + Sync + 'static {
     /// sizes, thread counts). They are passed to `run` but do not enter the key, so changing one
     /// reruns nothing. Only list a parameter here when outputs are equal whatever its value.
     const UNKEYED: &'static [&'static str] = &[];
+    /// True when [`Stage::split`] can cut the work into parts that run as separate jobs.
+    const SPLITS: bool = false;
 
     fn inputs(&self) -> Vec<InputSpec> {
         Vec::new()
@@ -174,6 +176,21 @@ pub trait Stage: Send + Sync + 'static {
     /// Produce the outputs in `ctx.out_dir()`. May keep checkpoints in `ctx.work_dir()`, which
     /// survives a failed or killed attempt and is handed back to the next attempt of the same key.
     fn run(&self, params: &Self::Params, ctx: &mut StageContext) -> Result<(), StageError>;
+    /// For executors that run one stage as several jobs (a Slurm job array; only called when
+    /// [`Stage::SPLITS`] is true): plan at most `max_parts` independent parts of the work,
+    /// write what the parts need into `ctx.work_dir()`, and return how many there are (1: no
+    /// split). Then `run` is called once per part with `ctx.portion()` =
+    /// [`Portion::Part`] (in any order, concurrently, each maybe on another machine, each
+    /// resumable and each with its own lock), and once with [`Portion::Assemble`] after every part
+    /// returned `Ok`, to write the outputs, which must equal those of a [`Portion::Whole`] run.
+    fn split(
+        &self,
+        _params: &Self::Params,
+        _ctx: &mut StageContext,
+        _max_parts: usize,
+    ) -> Result<usize, StageError> {
+        Ok(1)
+    }
     /// For `pipe diff`: write figures or tables that compare published outputs of this kind
     /// across pipelines into `dest` (an existing, empty folder), and return the files written
     /// (paths inside `dest`). `outputs` holds at least two (label, out folder) pairs, in the
@@ -272,6 +289,19 @@ impl Cancel {
     }
 }
 
+/// What one call of [`Stage::run`] computes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Portion {
+    /// Everything: the outputs.
+    #[default]
+    Whole,
+    /// Part `index` of a split into `count` parts (see [`Stage::split`]): work kept in the work
+    /// dir; the out dir is not published.
+    Part { index: usize, count: usize },
+    /// Every part of a split into `count` is done: write the outputs from them.
+    Assemble { count: usize },
+}
+
 /// Everything a running stage may touch.
 pub struct StageContext {
     pub(crate) name: String,
@@ -285,6 +315,7 @@ pub struct StageContext {
     pub(crate) progress: Progress,
     pub(crate) cancel: Cancel,
     pub(crate) metrics: BTreeMap<String, serde_json::Value>,
+    pub(crate) portion: Portion,
 }
 
 impl StageContext {
@@ -321,6 +352,11 @@ impl StageContext {
     pub fn external(&self, role: &str) -> &[PathBuf] {
         self.external.get(role).map(Vec::as_slice).unwrap_or(&[])
     }
+    /// What this call computes: the whole stage, one part of a split, or the outputs from the
+    /// parts (only stages with [`Stage::SPLITS`] see anything but `Whole`).
+    pub fn portion(&self) -> Portion {
+        self.portion
+    }
     /// The device assigned to this run: `cpu`, `cuda:0`, ...
     pub fn device(&self) -> &str {
         &self.device
@@ -354,6 +390,8 @@ pub trait DynStage: Send + Sync {
     fn doc(&self) -> &'static str;
     /// See [`Stage::UNKEYED`].
     fn unkeyed(&self) -> &'static [&'static str];
+    /// See [`Stage::SPLITS`].
+    fn splits(&self) -> bool;
     fn inputs(&self) -> &[InputSpec];
     fn device(&self) -> DeviceUse;
     /// JSON Schema of the parameters (inputs and `kind` are added by the engine).
@@ -361,6 +399,7 @@ pub trait DynStage: Send + Sync {
     /// Deserialize the parameter table, fill defaults, check, and canonicalise.
     fn canonical_params(&self, table: toml::Table) -> Result<Canon, ParamError>;
     fn run(&self, params: &Canon, ctx: &mut StageContext) -> Result<(), StageError>;
+    fn split(&self, params: &Canon, ctx: &mut StageContext, max_parts: usize) -> Result<usize, StageError>;
     fn compare(&self, outputs: &[Compared], dest: &Path) -> Result<Vec<PathBuf>, StageError>;
 }
 
@@ -393,6 +432,9 @@ impl<S: Stage> DynStage for Erased<S> {
     }
     fn unkeyed(&self) -> &'static [&'static str] {
         S::UNKEYED
+    }
+    fn splits(&self) -> bool {
+        S::SPLITS
     }
     fn inputs(&self) -> &[InputSpec] {
         &self.inputs
@@ -430,13 +472,22 @@ impl<S: Stage> DynStage for Erased<S> {
         Canon::from_json(&json).map_err(|message| ParamError { path: Vec::new(), message })
     }
     fn run(&self, params: &Canon, ctx: &mut StageContext) -> Result<(), StageError> {
-        let params: S::Params = serde_json::from_value(params.to_json())
-            .map_err(|e| StageError::failed(format!("stored parameters do not deserialize: {e}")))?;
-        self.stage.run(&params, ctx)
+        self.stage.run(&typed::<S>(params)?, ctx)
+    }
+    fn split(&self, params: &Canon, ctx: &mut StageContext, max_parts: usize) -> Result<usize, StageError> {
+        if !S::SPLITS {
+            return Ok(1);
+        }
+        self.stage.split(&typed::<S>(params)?, ctx, max_parts)
     }
     fn compare(&self, outputs: &[Compared], dest: &Path) -> Result<Vec<PathBuf>, StageError> {
         self.stage.compare(outputs, dest)
     }
+}
+
+fn typed<S: Stage>(params: &Canon) -> Result<S::Params, StageError> {
+    serde_json::from_value(params.to_json())
+        .map_err(|e| StageError::failed(format!("stored parameters do not deserialize: {e}")))
 }
 
 /// The path of the first NaN or infinite float in a TOML value.

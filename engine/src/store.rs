@@ -7,6 +7,9 @@
 //! objects/<kind>/<key>/{manifest.json, log.txt, out/…}   published; manifest.json written last
 //! work/<kind>/<key>/{preimage.json, progress.json, scratch/, object/{log.txt, out/}}   partial
 //! locks/<key>.lock, locks/store.lock                      advisory flock(2) locks
+//! locks/<key>.lease, locks/<key>.part-<i>.{lock,lease}     leases beside them (see `lease`)
+//! work/<kind>/<key>/{split.json, parts/<i>.done}          a stage split into parts (jobs)
+//! jobs/<pipeline>/…                                       cluster executors' job files
 //! memo/<xx>/<dev-ino-size-mtime>                          external file hash memo
 //! runs/<pipeline>/<utc>-<ns>-<pid>.json                   one record per `pipe run`
 //! results/<pipeline>/<stage> -> ../../objects/<kind>/<key>/out
@@ -185,6 +188,12 @@ pub struct ProgressSnapshot {
     pub updated: String,
 }
 
+/// `work/<kind>/<key>/split.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct SplitRecord {
+    parts: usize,
+}
+
 /// A work dir left by an unfinished attempt.
 #[derive(Clone, Debug)]
 pub struct Partial {
@@ -192,10 +201,20 @@ pub struct Partial {
     pub progress: Option<ProgressSnapshot>,
 }
 
-/// An exclusive per-key lock, released when dropped or when the process dies.
+/// An exclusive per-key lock, released when dropped or when the process dies: a `flock(2)` on
+/// `locks/<key>.lock` (coherent on one machine) and a lease `locks/<key>.lease` (coherent across
+/// machines on a shared filesystem, see [`crate::lease`]).
 #[derive(Debug)]
 pub struct KeyLock {
     _file: File,
+    lease: Option<crate::lease::Lease>,
+}
+
+impl KeyLock {
+    /// True once another machine broke this lock's lease (this one was cut off too long).
+    pub fn is_lost(&self) -> bool {
+        self.lease.as_ref().is_some_and(|l| l.is_lost())
+    }
 }
 
 /// A shared (run) or exclusive (gc) lock on the whole store.
@@ -292,19 +311,98 @@ impl Store {
 
     /// Takes the key's lock, waiting for another process that holds it.
     pub fn lock(&self, key: &Key) -> Result<KeyLock, StoreError> {
-        let file = self.lock_file(&format!("{}.lock", key.hex()))?;
-        file.lock().map_err(io_err(&self.root.join("locks")))?;
-        Ok(KeyLock { _file: file })
+        loop {
+            if let Some(l) = self.try_lock(key)? {
+                return Ok(l);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
     }
 
     /// Takes the key's lock if it is free.
     pub fn try_lock(&self, key: &Key) -> Result<Option<KeyLock>, StoreError> {
-        let file = self.lock_file(&format!("{}.lock", key.hex()))?;
+        self.try_lock_named(&key.hex(), || {})
+    }
+
+    /// Takes the key's lock if it is free; `on_lost` runs if its lease is later broken.
+    pub fn try_lock_watched(
+        &self,
+        key: &Key,
+        on_lost: impl Fn() + Send + 'static,
+    ) -> Result<Option<KeyLock>, StoreError> {
+        self.try_lock_named(&key.hex(), on_lost)
+    }
+
+    /// The lock of part `index` of a split key (held by whoever computes that part).
+    pub fn try_lock_part(
+        &self,
+        key: &Key,
+        index: usize,
+        on_lost: impl Fn() + Send + 'static,
+    ) -> Result<Option<KeyLock>, StoreError> {
+        self.try_lock_named(&format!("{}.part-{index}", key.hex()), on_lost)
+    }
+
+    fn try_lock_named(
+        &self,
+        name: &str,
+        on_lost: impl Fn() + Send + 'static,
+    ) -> Result<Option<KeyLock>, StoreError> {
+        let file = self.lock_file(&format!("{name}.lock"))?;
         match file.try_lock() {
-            Ok(()) => Ok(Some(KeyLock { _file: file })),
-            Err(fs::TryLockError::WouldBlock) => Ok(None),
-            Err(fs::TryLockError::Error(e)) => Err(io_err(&self.root.join("locks"))(e)),
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => return Ok(None),
+            Err(fs::TryLockError::Error(e)) => return Err(io_err(&self.root.join("locks"))(e)),
         }
+        let path = self.root.join("locks").join(format!("{name}.lease"));
+        match crate::lease::Lease::try_acquire(&path, crate::lease::ttl_from_env(), on_lost) {
+            Ok(Some(lease)) => Ok(Some(KeyLock { _file: file, lease: Some(lease) })),
+            Ok(None) => Ok(None),
+            Err(e) => Err(io_err(&path)(e)),
+        }
+    }
+
+    /// Who holds the key's lease, for "waiting for ..." messages.
+    pub fn lock_holder(&self, key: &Key) -> Option<crate::lease::Holder> {
+        crate::lease::read_holder(&self.root.join("locks").join(format!("{}.lease", key.hex())))
+            .ok()
+            .flatten()
+    }
+
+    // ---- split stages ----
+
+    /// How many parts the key's work was split into, if it was (see [`crate::Stage::split`]).
+    pub fn split_count(&self, kind: &str, key: &Key) -> Option<usize> {
+        let rec: Option<SplitRecord> =
+            read_json(&self.work_root(kind, key).join("split.json")).ok().flatten();
+        rec.map(|r| r.parts)
+    }
+
+    /// Records the split of a key's work (call with the key's lock held, after `begin`).
+    pub fn write_split(&self, work: &Work, parts: usize, _lock: &KeyLock) -> Result<(), StoreError> {
+        fs::create_dir_all(work.root.join("parts")).map_err(io_err(&work.root))?;
+        write_json(&work.root.join("split.json"), &SplitRecord { parts })
+    }
+
+    /// Whether part `index` of a split key is done.
+    pub fn part_done(&self, kind: &str, key: &Key, index: usize) -> bool {
+        self.part_path(kind, key, index, "done").is_file()
+    }
+
+    /// Marks part `index` done (call with the part's lock held).
+    pub fn mark_part_done(
+        &self,
+        kind: &str,
+        key: &Key,
+        index: usize,
+        _lock: &KeyLock,
+    ) -> Result<(), StoreError> {
+        write_atomic(&self.part_path(kind, key, index, "done"), b"done\n")
+    }
+
+    /// `work/<kind>/<key>/parts/<index>.<ext>`: a part's done marker, log and progress.
+    pub fn part_path(&self, kind: &str, key: &Key, index: usize, ext: &str) -> PathBuf {
+        self.work_root(kind, key).join("parts").join(format!("{index:05}.{ext}"))
     }
 
     /// Held by every `pipe run` for its whole duration, so `gc` never collects under a run.
