@@ -86,6 +86,27 @@ enum Command {
         /// Print the plan and run nothing.
         #[arg(long)]
         dry_run: bool,
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    },
+    /// Run one stage (or one part of it) of a pipeline snapshot: what a cluster job runs.
+    #[command(hide = true)]
+    ExecStage {
+        /// The pipeline snapshot the coordinator wrote.
+        file: PathBuf,
+        #[arg(long)]
+        stage: String,
+        /// The key the coordinator planned; the job refuses to run another.
+        #[arg(long)]
+        key: String,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Where to write how the stage ended (JSON).
+        #[arg(long)]
+        outcome: Option<PathBuf>,
+        /// Compute only this part of a split stage.
+        #[arg(long)]
+        part: Option<usize>,
     },
     /// What a run would do with each stage (skip, run, resume) and why.
     #[command(after_help = "Example:\n  pipe plan exp.toml --set stages.train.k=64 --json")]
@@ -214,6 +235,98 @@ enum Command {
     Completions { shell: clap_complete::Shell },
 }
 
+/// `pipe run` on a cluster: which executor, and `[executor.slurm]` overrides.
+#[derive(Args, Debug, Clone)]
+struct ClusterArgs {
+    /// Where stages run: here (`local`) or as Slurm jobs (`slurm`).
+    #[arg(long, value_enum, default_value_t = ExecutorArg::Local)]
+    executor: ExecutorArg,
+    /// Slurm: the partition of every job.
+    #[arg(long, help_heading = "Slurm")]
+    partition: Option<String>,
+    /// Slurm: GPUs per job of a stage that wants an accelerator (0: CPUs only).
+    #[arg(long, help_heading = "Slurm")]
+    gpus_per_job: Option<u32>,
+    /// Slurm: the time limit of every job (`--time`), e.g. 24:00:00.
+    #[arg(long, help_heading = "Slurm")]
+    time: Option<String>,
+    /// Slurm: one more sbatch option for every job (repeatable), e.g. --sbatch-arg=--account=lab.
+    #[arg(long = "sbatch-arg", value_name = "OPTION", allow_hyphen_values = true, help_heading = "Slurm")]
+    sbatch_args: Vec<String>,
+    /// Slurm: resubmissions of a preempted, timed-out or lost job per stage.
+    #[arg(long, help_heading = "Slurm")]
+    max_retries: Option<u32>,
+    /// Slurm: at most this many array jobs for a stage that splits (`cache`); 1: one job.
+    #[arg(long, help_heading = "Slurm")]
+    array_size: Option<usize>,
+    /// Slurm: seconds between two looks at the queue.
+    #[arg(long, help_heading = "Slurm")]
+    poll_seconds: Option<f64>,
+    /// Slurm: submit the jobs and return; a later `pipe run` reattaches, `pipe status` shows them.
+    #[arg(long, help_heading = "Slurm")]
+    detach: bool,
+    /// Slurm: on Ctrl-C, ask (on a terminal; else cancel), cancel the jobs, or detach from them.
+    #[arg(long, value_enum, default_value_t = InterruptArg::Ask, help_heading = "Slurm")]
+    on_interrupt: InterruptArg,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ExecutorArg {
+    Local,
+    Slurm,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum InterruptArg {
+    Ask,
+    Cancel,
+    Detach,
+}
+
+impl ClusterArgs {
+    fn is_default(&self) -> bool {
+        self.partition.is_none()
+            && self.gpus_per_job.is_none()
+            && self.time.is_none()
+            && self.sbatch_args.is_empty()
+            && self.max_retries.is_none()
+            && self.array_size.is_none()
+            && self.poll_seconds.is_none()
+            && !self.detach
+    }
+
+    /// `[executor.slurm]` with the flags applied.
+    fn slurm_options(&self, p: &Pipeline) -> Result<engine::config::SlurmOptions> {
+        let mut o = p.executor.slurm.clone();
+        if let Some(v) = &self.partition {
+            o.partition = Some(v.clone());
+        }
+        if let Some(v) = self.gpus_per_job {
+            o.gpus_per_job = v;
+        }
+        if let Some(v) = &self.time {
+            o.time = Some(v.clone());
+        }
+        o.sbatch_args.extend(self.sbatch_args.iter().cloned());
+        if let Some(v) = self.max_retries {
+            o.max_retries = v;
+        }
+        if let Some(v) = self.array_size {
+            if v == 0 {
+                bail!("--array-size must be at least 1");
+            }
+            o.array_size = v;
+        }
+        if let Some(v) = self.poll_seconds {
+            if !(v.is_finite() && v > 0.0) {
+                bail!("--poll-seconds must be a positive number");
+            }
+            o.poll_seconds = v;
+        }
+        Ok(o)
+    }
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum GraphFormatArg {
     Text,
@@ -329,6 +442,46 @@ fn print_json(v: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
+/// The Slurm part of `pipe status`: each stage's jobs at its current key.
+fn slurm_status_text(
+    file: &engine::slurm::JobsFile,
+    stages: &std::collections::BTreeMap<String, engine::slurm::StageJobs>,
+) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    if stages.is_empty() {
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "\nslurm ({}, {} {}):",
+        if file.attached { "coordinated" } else { "detached" },
+        file.coordinator,
+        file.updated
+    );
+    for (name, sj) in stages {
+        let jobs: Vec<String> = sj
+            .jobs
+            .iter()
+            .map(|j| {
+                let what = if j.role == "parts" {
+                    format!("parts job array {}", j.id)
+                } else {
+                    format!("job {}", j.id)
+                };
+                format!("{what} {}", j.state)
+            })
+            .collect();
+        let retries =
+            if sj.retries > 0 { format!(", {} resubmission(s)", sj.retries) } else { String::new() };
+        let _ = writeln!(out, "  {name:<16} {:<10} {}{retries}", sj.state, jobs.join(", "));
+        if let Some(e) = &sj.error {
+            let _ = writeln!(out, "  {:<16} {e}", "");
+        }
+    }
+    out
+}
+
 fn plan_of(p: &Pipeline, registry: &Registry, store: &Store, force: &[String]) -> Result<engine::plan::Plan> {
     for f in force {
         if p.stage(f).is_none() {
@@ -343,7 +496,7 @@ fn dispatch(cli: Cli, registry: &Registry, cancel: Cancel) -> Result<u8> {
     let ds = cli.datastore.clone();
     let quiet = cli.quiet;
     match cli.command {
-        Command::Run { load: l, only, force, jobs, devices, dry_run } => {
+        Command::Run { load: l, only, force, jobs, devices, dry_run, cluster } => {
             let p = load(&l, registry)?;
             for o in &only {
                 if p.stage(o).is_none() {
@@ -357,8 +510,54 @@ fn dispatch(cli: Cli, registry: &Registry, cancel: Cancel) -> Result<u8> {
                 print!("{}", engine::report::plan_text(&plan));
                 return Ok(0);
             }
-            let opts = engine::exec::RunOptions { jobs, devices, only: only.into_iter().collect(), cancel };
-            let summary = engine::exec::run(&p, registry, &store, &plan, &opts)?;
+            let summary = if cluster.executor == ExecutorArg::Slurm {
+                let binary = match &p.executor.slurm.binary {
+                    Some(b) => PathBuf::from(b),
+                    None => std::env::current_exe().context(
+                        "cannot tell which pipe binary the jobs should run; set `[executor.slurm] binary`",
+                    )?,
+                };
+                let opts = engine::slurm::SlurmRunOptions {
+                    slurm: cluster.slurm_options(&p)?,
+                    only: only.into_iter().collect(),
+                    cancel,
+                    detach: cluster.detach,
+                    on_interrupt: match cluster.on_interrupt {
+                        InterruptArg::Ask => engine::slurm::OnInterrupt::Ask,
+                        InterruptArg::Cancel => engine::slurm::OnInterrupt::Cancel,
+                        InterruptArg::Detach => engine::slurm::OnInterrupt::Detach,
+                    },
+                    binary,
+                };
+                let sched = engine::slurm::SlurmCli::default();
+                match engine::slurm::run(&p, registry, &store, &plan, &opts, &sched) {
+                    Ok(s) => s,
+                    Err(engine::slurm::SlurmError::Exec(e)) => return Err(e.into()),
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return Ok(exit::FAILED);
+                    }
+                }
+            } else {
+                if !cluster.is_default() {
+                    bail!(
+                        "--partition, --gpus-per-job, --time, --sbatch-arg, --max-retries, --array-size, --poll-seconds and --detach need --executor slurm"
+                    );
+                }
+                let opts =
+                    engine::exec::RunOptions { jobs, devices, only: only.into_iter().collect(), cancel };
+                engine::exec::run(&p, registry, &store, &plan, &opts)?
+            };
+            if cluster.detach {
+                eprintln!("results: {}", store.root().join("results").join(&p.name).display());
+                return Ok(
+                    if summary.stages.iter().any(|(_, o)| matches!(o, engine::exec::Outcome::Failed(_))) {
+                        exit::FAILED
+                    } else {
+                        0
+                    },
+                );
+            }
             for (name, outcome) in &summary.stages {
                 let detail = match outcome {
                     engine::exec::Outcome::Done { seconds, resumed } => {
@@ -379,6 +578,45 @@ fn dispatch(cli: Cli, registry: &Registry, cancel: Cancel) -> Result<u8> {
                 exit::FAILED
             })
         }
+        Command::ExecStage { file, stage, key, device, outcome, part } => {
+            check_devices(std::slice::from_ref(&device))?;
+            let p = engine::config::load(&file, &[], registry)?;
+            let store = open_store(&ds, true, Some(&p))?;
+            let plan = plan_of(&p, registry, &store, &[])?;
+            let Some(s) = plan.stage(&stage) else {
+                bail!("no stage `{stage}` in {}", file.display());
+            };
+            if s.key.hex() != key {
+                bail!(
+                    "stage `{stage}` of {} has key {} here but was submitted with key {key}: an input changed after submission (a model or dataset file?)",
+                    file.display(),
+                    s.key.hex()
+                );
+            }
+            let mode = match part {
+                Some(i) => engine::exec::Mode::Part(i),
+                None => engine::exec::Mode::Whole,
+            };
+            let done = engine::exec::execute_one(&p, registry, &store, &plan, &stage, device, cancel, mode)?;
+            if let Some(path) = &outcome {
+                engine::slurm::JobOutcome::from_outcome(&done.outcome)
+                    .write(path)
+                    .with_context(|| format!("cannot write the job outcome {}", path.display()))?;
+            }
+            eprintln!(
+                "{:<13}{stage}{}",
+                done.outcome.as_str(),
+                match &done.outcome {
+                    engine::exec::Outcome::Failed(e) | engine::exec::Outcome::Blocked(e) => format!(": {e}"),
+                    _ => String::new(),
+                }
+            );
+            Ok(match done.outcome {
+                engine::exec::Outcome::Done { .. } | engine::exec::Outcome::Cached => 0,
+                engine::exec::Outcome::Cancelled => exit::INTERRUPTED,
+                _ => exit::FAILED,
+            })
+        }
         Command::Plan { load: l, force, json } => {
             let p = load(&l, registry)?;
             let store = open_store(&ds, quiet, Some(&p))?;
@@ -394,10 +632,21 @@ fn dispatch(cli: Cli, registry: &Registry, cancel: Cancel) -> Result<u8> {
             let p = load(&l, registry)?;
             let store = open_store(&ds, quiet, Some(&p))?;
             let plan = plan_of(&p, registry, &store, &[])?;
+            let jobs = engine::slurm::status(&store, &p, &plan, &engine::slurm::SlurmCli::default());
             if json {
-                print_json(&engine::report::status_json(&plan));
+                let mut v = engine::report::status_json(&plan);
+                if let (Some((file, stages)), Some(obj)) = (&jobs, v.as_object_mut()) {
+                    obj.insert(
+                        "slurm".into(),
+                        serde_json::json!({ "attached": file.attached, "coordinator": file.coordinator, "updated": file.updated, "stages": stages }),
+                    );
+                }
+                print_json(&v);
             } else {
                 print!("{}", engine::report::status_text(&plan));
+                if let Some((file, stages)) = &jobs {
+                    print!("{}", slurm_status_text(file, stages));
+                }
             }
             Ok(0)
         }

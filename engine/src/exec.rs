@@ -104,18 +104,7 @@ pub fn run(
 ) -> Result<RunSummary, ExecError> {
     let _store_guard = store.lock_shared()?;
     let dag = Dag::new(p);
-    let selected: BTreeSet<String> = if opts.only.is_empty() {
-        plan.stages.iter().map(|s| s.name.clone()).collect()
-    } else {
-        let mut sel = BTreeSet::new();
-        for o in &opts.only {
-            if plan.stage(o).is_none() {
-                return Err(ExecError::UnknownStage(o.clone()));
-            }
-            sel.extend(dag.ancestors(o));
-        }
-        sel
-    };
+    let selected = selection(&dag, plan, &opts.only)?;
 
     let started = SystemTime::now();
     let record_path = store.new_run_path(&p.name, started)?;
@@ -134,38 +123,7 @@ pub fn run(
     }
     let write_record =
         |outcomes: &BTreeMap<String, Outcome>, seconds: &BTreeMap<String, f64>, status: &str| {
-            let rec = RunRecord {
-                format: crate::store::STORE_FORMAT,
-                pipeline: p.name.clone(),
-                file: p.file.clone(),
-                files: p.files.clone(),
-                started: rfc3339(started),
-                finished: (status != "running").then(|| rfc3339(SystemTime::now())),
-                status: status.to_string(),
-                stages: plan
-                    .stages
-                    .iter()
-                    .map(|s| {
-                        let o = outcomes.get(&s.name);
-                        let error = match o {
-                            Some(Outcome::Failed(e)) | Some(Outcome::Blocked(e)) => Some(e.clone()),
-                            _ => None,
-                        };
-                        (
-                            s.name.clone(),
-                            StageRecord {
-                                kind: s.kind.clone(),
-                                key: s.key.hex(),
-                                preimage: s.preimage.to_json(),
-                                state: o.map(|o| o.as_str()).unwrap_or("pending").to_string(),
-                                seconds: seconds.get(&s.name).copied(),
-                                error,
-                            },
-                        )
-                    })
-                    .collect(),
-            };
-            write_json(&record_path, &rec)
+            write_run_record(&record_path, p, plan, started, outcomes, seconds, status)
         };
     write_record(&outcomes, &seconds, "running")?;
     for (name, obj) in &objects {
@@ -291,13 +249,77 @@ pub fn run(
     Ok(summary)
 }
 
-fn link(store: &Store, p: &Pipeline, stage: &str, obj: &Object) {
+/// Writes the run record of a run that started at `started`: each stage's outcome so far
+/// (`pending` where there is none yet), and `status` (`running` until the end).
+pub(crate) fn write_run_record(
+    path: &std::path::Path,
+    p: &Pipeline,
+    plan: &Plan,
+    started: SystemTime,
+    outcomes: &BTreeMap<String, Outcome>,
+    seconds: &BTreeMap<String, f64>,
+    status: &str,
+) -> Result<(), StoreError> {
+    let rec = RunRecord {
+        format: crate::store::STORE_FORMAT,
+        pipeline: p.name.clone(),
+        file: p.file.clone(),
+        files: p.files.clone(),
+        started: rfc3339(started),
+        finished: (status != "running").then(|| rfc3339(SystemTime::now())),
+        status: status.to_string(),
+        stages: plan
+            .stages
+            .iter()
+            .map(|s| {
+                let o = outcomes.get(&s.name);
+                let error = match o {
+                    Some(Outcome::Failed(e)) | Some(Outcome::Blocked(e)) => Some(e.clone()),
+                    _ => None,
+                };
+                (
+                    s.name.clone(),
+                    StageRecord {
+                        kind: s.kind.clone(),
+                        key: s.key.hex(),
+                        preimage: s.preimage.to_json(),
+                        state: o.map(|o| o.as_str()).unwrap_or("pending").to_string(),
+                        seconds: seconds.get(&s.name).copied(),
+                        error,
+                    },
+                )
+            })
+            .collect(),
+    };
+    write_json(path, &rec)
+}
+
+/// The stages a run covers: all, or those of `--only` and what they need.
+pub(crate) fn selection(
+    dag: &Dag,
+    plan: &Plan,
+    only: &BTreeSet<String>,
+) -> Result<BTreeSet<String>, ExecError> {
+    if only.is_empty() {
+        return Ok(plan.stages.iter().map(|s| s.name.clone()).collect());
+    }
+    let mut sel = BTreeSet::new();
+    for o in only {
+        if plan.stage(o).is_none() {
+            return Err(ExecError::UnknownStage(o.clone()));
+        }
+        sel.extend(dag.ancestors(o));
+    }
+    Ok(sel)
+}
+
+pub(crate) fn link(store: &Store, p: &Pipeline, stage: &str, obj: &Object) {
     if let Err(e) = store.link_result(&p.name, stage, obj) {
         tracing::warn!("cannot update results/{}/{stage}: {e}", p.name);
     }
 }
 
-fn upstreams(
+pub(crate) fn upstreams(
     p: &Pipeline,
     s: &StagePlan,
     objects: &BTreeMap<String, Object>,

@@ -15,6 +15,7 @@ pub mod progress;
 pub mod report;
 pub mod report_html;
 pub mod schema;
+pub mod slurm;
 pub mod stage;
 pub mod store;
 

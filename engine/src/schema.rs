@@ -19,6 +19,7 @@ const NAME_PATTERN: &str = "^[A-Za-z0-9][A-Za-z0-9_.-]*$";
 pub fn pipeline_schema(registry: &Registry) -> Value {
     let mut generator = SchemaSettings::draft2020_12().into_generator();
     let header = generator.subschema_for::<PipelineHeader>().to_value();
+    let executor = generator.subschema_for::<crate::config::ExecutorTable>().to_value();
     let kinds: Vec<Value> = registry.kinds().map(|k| stage_schema(k, &mut generator)).collect();
     let defs: Map<String, Value> = generator.take_definitions(true).into_iter().collect();
     let stage = if kinds.is_empty() { Value::Bool(false) } else { json!({ "oneOf": kinds }) };
@@ -29,6 +30,7 @@ pub fn pipeline_schema(registry: &Registry) -> Value {
         "type": "object",
         "properties": {
             "pipeline": header,
+            "executor": executor,
             "stages": {
                 "description": "The stages, by name. A name becomes a folder name: letters, digits, `_`, `.`, `-`, starting with a letter or digit.",
                 "type": "object",

@@ -362,6 +362,19 @@ impl Store {
         }
     }
 
+    /// The lock of the one Slurm coordinator of a pipeline.
+    pub fn try_lock_coordinator(&self, pipeline: &str) -> Result<Option<KeyLock>, StoreError> {
+        check_name("pipeline", pipeline)?;
+        self.try_lock_named(&format!("coordinator-{pipeline}"), || {})
+    }
+
+    /// Who holds a pipeline's coordinator lock.
+    pub fn coordinator_holder(&self, pipeline: &str) -> Option<crate::lease::Holder> {
+        crate::lease::read_holder(&self.root.join("locks").join(format!("coordinator-{pipeline}.lease")))
+            .ok()
+            .flatten()
+    }
+
     /// Who holds the key's lease, for "waiting for ..." messages.
     pub fn lock_holder(&self, key: &Key) -> Option<crate::lease::Holder> {
         crate::lease::read_holder(&self.root.join("locks").join(format!("{}.lease", key.hex())))

@@ -42,7 +42,7 @@ use crate::key::Canon;
 use crate::stage::Registry;
 
 pub use error::{ConfigError, ConfigErrors};
-pub use raw::PipelineHeader;
+pub use raw::{ExecutorTable, PipelineHeader, SlurmOptions, SlurmStageOptions};
 
 use error::{FileId, Sources, Span};
 use tree::Table;
@@ -104,6 +104,8 @@ pub struct Pipeline {
     pub datastore: Option<PathBuf>,
     /// Upstreams before downstreams; ties broken by name.
     pub stages: Vec<StageDecl>,
+    /// `[executor]`: how cluster executors run the stages (not part of any key).
+    pub executor: ExecutorTable,
     /// The merged document after `extends` and `--set`, as `pipe show` prints it: `extends` is
     /// dropped (it has been applied) and path values are replaced by their resolved absolute
     /// paths, so the document stands on its own.
@@ -246,6 +248,7 @@ impl Cx<'_> {
             files,
             datastore: v.datastore,
             stages: v.stages,
+            executor: v.executor,
             effective,
         })
     }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use petgraph::graph::{DiGraph, NodeIndex};
 
 use super::error::{Span, did_you_mean, key_path};
-use super::raw::{HEADER_KEYS, PipelineHeader};
+use super::raw::{ExecutorTable, HEADER_KEYS, PipelineHeader};
 use super::tree::{Entry, Node, Table, Val};
 use super::{Cx, ExternalInput, StageDecl, paths};
 use crate::key::Canon;
@@ -22,6 +22,7 @@ pub(crate) struct Validated {
     pub description: String,
     pub datastore: Option<PathBuf>,
     pub stages: Vec<StageDecl>,
+    pub executor: ExecutorTable,
     /// Resolved path values, to write back into the effective document: (key path, value).
     resolved: Vec<(Vec<String>, toml::Value)>,
 }
@@ -36,8 +37,8 @@ pub(crate) fn valid_name(s: &str) -> bool {
 
 pub(crate) fn validate(cx: &mut Cx<'_>, root: &Table) -> Option<Validated> {
     for (k, e) in &root.0 {
-        if k != "pipeline" && k != "stages" {
-            let help = did_you_mean(k, ["pipeline", "stages"]).or_else(|| {
+        if !matches!(k.as_str(), "pipeline" | "stages" | "executor") {
+            let help = did_you_mean(k, ["pipeline", "stages", "executor"]).or_else(|| {
                 let is_stage = e.node.as_table().is_some_and(|t| t.get("kind").is_some());
                 Some(if is_stage {
                     format!("stages are declared under `stages`: write `[stages.{k}]`")
@@ -58,12 +59,14 @@ pub(crate) fn validate(cx: &mut Cx<'_>, root: &Table) -> Option<Validated> {
         Some(p)
     });
     let stages = stages(cx, root, &mut resolved);
+    let executor = executor(cx, root, stages.as_deref());
     let (h, _) = header?;
     Some(Validated {
         name: h.name,
         description: h.description.unwrap_or_default(),
         datastore,
         stages: stages?,
+        executor: executor?,
         resolved,
     })
 }
@@ -199,6 +202,72 @@ fn header<'t>(cx: &mut Cx<'_>, root: &'t Table) -> Option<(PipelineHeader, &'t T
         );
     }
     Some((h, table))
+}
+
+/// `[executor]`, typed; stage names in `[executor.slurm.stages]` must be stages of the pipeline.
+fn executor(cx: &mut Cx<'_>, root: &Table, stages: Option<&[StageDecl]>) -> Option<ExecutorTable> {
+    let Some(entry) = root.get("executor") else {
+        return Some(ExecutorTable::default());
+    };
+    let Some(table) = entry.node.as_table() else {
+        let found = entry.node.value.type_name();
+        cx.error(&entry.node.span, "executor", format!("`executor` must be a table, found {found}"));
+        return None;
+    };
+    let value = toml::Value::Table(table.to_toml());
+    let t: ExecutorTable = match serde_path_to_error::deserialize(value) {
+        Ok(t) => t,
+        Err(e) => {
+            let pe = param_error(&e);
+            let unknown = unknown_field(&pe.message).is_some();
+            let span = locate(entry, &pe.path, unknown);
+            let kp = key_path(&prefixed(&["executor"], &pe.path));
+            let message = match unknown_field(&pe.message) {
+                Some(field) => format!(
+                    "unknown key `{field}` in `[{}]`",
+                    key_path(&prefixed(&["executor"], &pe.path[..pe.path.len().saturating_sub(1)]))
+                ),
+                None => format!("invalid `{kp}`: {}", pe.message),
+            };
+            cx.error_help(
+                span,
+                kp,
+                message,
+                Some("see `pipe schema` for what `[executor.slurm]` takes".into()),
+            );
+            return None;
+        }
+    };
+    let s = &t.slurm;
+    let mut bad = |path: &[&str], message: String| {
+        let span = locate(entry, &path.iter().map(|p| p.to_string()).collect::<Vec<_>>(), false);
+        cx.error(
+            span,
+            key_path(&prefixed(&["executor"], &path.iter().map(|p| p.to_string()).collect::<Vec<_>>())),
+            message,
+        );
+    };
+    if s.array_size == 0 {
+        bad(&["slurm", "array_size"], "`array_size` must be at least 1".into());
+    }
+    if !(s.poll_seconds.is_finite() && s.poll_seconds > 0.0) {
+        bad(&["slurm", "poll_seconds"], "`poll_seconds` must be a positive number".into());
+    }
+    for (name, o) in &s.stages {
+        if o.array_size == Some(0) {
+            bad(&["slurm", "stages", name, "array_size"], "`array_size` must be at least 1".into());
+        }
+        if let Some(stages) = stages
+            && !stages.iter().any(|d| &d.name == name)
+        {
+            let names: Vec<&str> = stages.iter().map(|d| d.name.as_str()).collect();
+            bad(
+                &["slurm", "stages", name],
+                format!("no stage `{name}` in this pipeline (stages: {})", names.join(", ")),
+            );
+        }
+    }
+    Some(t)
 }
 
 /// One stage table, as far as it could be validated.
