@@ -536,36 +536,101 @@ impl Welford {
     /// Adds the rows of `data` (row-major, `width` columns) with Chan's parallel update: exact
     /// batch statistics, then merged.
     pub fn update(&mut self, data: &[f32]) {
-        let width = self.mean.len();
-        let n = data.len() / width;
-        if n == 0 {
+        self.merge(&Batch::of(data, self.mean.len()));
+    }
+
+    /// Chan's merge of one batch's exact statistics into the running ones. The result depends
+    /// on the order of the merges, so a cache computed in parts replays its windows' batches in
+    /// dataset order to get the bits of a whole run.
+    pub fn merge(&mut self, b: &Batch) {
+        if b.count == 0 {
             return;
         }
-        let mut bmean = vec![0.0f64; width];
-        for row in data.chunks_exact(width) {
-            bmean.iter_mut().zip(row).for_each(|(m, x)| *m += *x as f64);
-        }
-        bmean.iter_mut().for_each(|m| *m /= n as f64);
-        let mut bm2 = vec![0.0f64; width];
-        for row in data.chunks_exact(width) {
-            for ((s, x), m) in bm2.iter_mut().zip(row).zip(&bmean) {
-                let d = *x as f64 - m;
-                *s += d * d;
-            }
-        }
-        let (na, nb) = (self.count as f64, n as f64);
+        let width = self.mean.len();
+        assert_eq!(b.mean.len(), width, "batch statistics of another width");
+        let (na, nb) = (self.count as f64, b.count as f64);
         let total = na + nb;
         for i in 0..width {
-            let delta = bmean[i] - self.mean[i];
+            let delta = b.mean[i] - self.mean[i];
             self.mean[i] += delta * nb / total;
-            self.m2[i] += bm2[i] + delta * delta * na * nb / total;
+            self.m2[i] += b.m2[i] + delta * delta * na * nb / total;
         }
-        self.count += n as u64;
+        self.count += b.count;
     }
 
     /// Unbiased standard deviation per dimension (NaN with fewer than two rows).
     pub fn std(&self) -> Vec<f64> {
         self.m2.iter().map(|m2| (m2 / (self.count as f64 - 1.0)).sqrt()).collect()
+    }
+}
+
+/// The exact statistics of one batch of rows (mean and M2 per dimension, in f64), before they
+/// are merged into a [`Welford`]. Kept by the parts of a split cache, one per window, to be
+/// merged in dataset order when the parts are assembled.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Batch {
+    pub count: u64,
+    pub mean: Vec<f64>,
+    pub m2: Vec<f64>,
+}
+
+impl Batch {
+    /// The statistics of the rows of `data` (row-major, `width` columns); two passes.
+    pub fn of(data: &[f32], width: usize) -> Batch {
+        let n = data.len() / width;
+        let mut mean = vec![0.0f64; width];
+        let mut m2 = vec![0.0f64; width];
+        if n == 0 {
+            return Batch { count: 0, mean, m2 };
+        }
+        for row in data.chunks_exact(width) {
+            mean.iter_mut().zip(row).for_each(|(m, x)| *m += *x as f64);
+        }
+        mean.iter_mut().for_each(|m| *m /= n as f64);
+        for row in data.chunks_exact(width) {
+            for ((s, x), m) in m2.iter_mut().zip(row).zip(&mean) {
+                let d = *x as f64 - m;
+                *s += d * d;
+            }
+        }
+        Batch { count: n as u64, mean, m2 }
+    }
+
+    /// Bytes per batch of `width` dimensions in [`Batch::encode`]'s layout.
+    fn encoded_len(width: usize) -> usize {
+        8 * (1 + 2 * width)
+    }
+
+    /// Appends the batch, little-endian: `count` (u64), then `mean` and `m2` (f64 × width each),
+    /// exact bit patterns.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.reserve(Batch::encoded_len(self.mean.len()));
+        out.extend_from_slice(&self.count.to_le_bytes());
+        for x in self.mean.iter().chain(&self.m2) {
+            out.extend_from_slice(&x.to_bits().to_le_bytes());
+        }
+    }
+
+    /// The batches of `width` dimensions that [`Batch::encode`] wrote one after the other into
+    /// the file at `path`.
+    pub fn read_all(path: &Path, width: usize) -> Result<Vec<Batch>, CacheError> {
+        let bytes = std::fs::read(path).map_err(|source| CacheError::Io { path: path.to_owned(), source })?;
+        let len = Batch::encoded_len(width);
+        if bytes.len() % len != 0 {
+            return Err(CacheError::corrupt(
+                path,
+                format!("{} bytes, not a whole number of {len}-byte batch statistics", bytes.len()),
+            ));
+        }
+        let word = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes"));
+        Ok(bytes
+            .chunks_exact(len)
+            .map(|b| {
+                let mut values = b[8..].chunks_exact(8).map(|x| f64::from_bits(word(x)));
+                let mean = values.by_ref().take(width).collect();
+                Batch { count: word(&b[..8]), mean, m2: values.collect() }
+            })
+            .collect())
     }
 }
 
@@ -674,5 +739,32 @@ mod tests {
             assert!((w.mean[c] - mean).abs() < 1e-12, "{} vs {mean}", w.mean[c]);
             assert!((w.std()[c] - var.sqrt()).abs() < 1e-10);
         }
+    }
+
+    /// Batches written to a file and merged back in order give the bits of `update`.
+    #[test]
+    fn replayed_batches_equal_updates() {
+        let width = 4;
+        let data = rows(40, width / 2, 7);
+        let mut direct = Welford::new(width);
+        let mut bytes = Vec::new();
+        for chunk in data.chunks(width * 9) {
+            direct.update(chunk);
+            Batch::of(chunk, width).encode(&mut bytes);
+        }
+        direct.update(&[]);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.bin");
+        std::fs::write(&path, &bytes).unwrap();
+        let mut replayed = Welford::new(width);
+        for b in Batch::read_all(&path, width).unwrap() {
+            replayed.merge(&b);
+        }
+        replayed.merge(&Batch::of(&[], width));
+        assert_eq!(serde_json::to_string(&replayed).unwrap(), serde_json::to_string(&direct).unwrap());
+
+        std::fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
+        let e = Batch::read_all(&path, width).unwrap_err().to_string();
+        assert!(e.contains("b.bin") && e.contains("batch statistics"), "{e}");
     }
 }

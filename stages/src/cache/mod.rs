@@ -7,8 +7,11 @@
 //! - [`reader`]: [`ActivationCache`] (one cache, memory-mapped), [`PairedDataset`] (several
 //!   caches as one index space) and [`LocalShuffle`] (the paper's locally shuffled order).
 //! - [`stage`]: the `cache` stage kind.
+//! - `parts`: the same stage split into parts for a cluster job array, assembled into the bytes
+//!   of a whole run.
 
 pub mod format;
+mod parts;
 pub mod reader;
 pub mod stage;
 

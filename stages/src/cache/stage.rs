@@ -8,20 +8,25 @@
 //! it holds `shard_tokens` tokens; then the writer commits the resume state (shards done,
 //! documents consumed, statistics) to the work dir. A killed run resumes from the last finished
 //! shard and produces the same bytes (for the same `batch_size`).
+//!
+//! For a cluster job array the stage splits into parts of whole shards ([`super::parts`]), which
+//! compute the very same windows and are assembled into the bytes of a whole run.
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use engine::{Arity, DeviceUse, InputSpec, ParamError, Stage, StageContext, StageError};
+use engine::{Arity, DeviceUse, InputSpec, ParamError, Portion, Stage, StageContext, StageError};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::CacheError;
-use super::format::{CacheMeta, DatasetInfo, FORMAT, ModelInfo, ShardInfo, ShardWriter, StoreDtype, Welford};
+use super::format::{
+    Batch, CacheMeta, DatasetInfo, FORMAT, ModelInfo, ShardInfo, ShardWriter, StoreDtype, Welford,
+};
 use crate::models::Model;
-use crate::text::{Column, TextTokenizer, TokenMap, kept_range, open_texts};
+use crate::text::{Column, TextTokenizer, Texts, TokenMap, kept_range, open_texts};
 
 /// Documents per window = `READ_AHEAD × batch_size`.
 const READ_AHEAD: usize = 8;
@@ -181,6 +186,7 @@ impl Stage for CacheStage {
     const DOC: &'static str =
         "Paired base/chat residual-stream activations at one layer, for every token of a dataset.";
     const UNKEYED: &'static [&'static str] = &["batch_size"];
+    const SPLITS: bool = true;
 
     fn inputs(&self) -> Vec<InputSpec> {
         vec![
@@ -236,29 +242,39 @@ impl Stage for CacheStage {
     fn run(&self, p: &CacheParams, ctx: &mut StageContext) -> Result<(), StageError> {
         run(p, ctx)
     }
+
+    fn split(&self, p: &CacheParams, ctx: &mut StageContext, max_parts: usize) -> Result<usize, StageError> {
+        super::parts::split(p, ctx, max_parts)
+    }
 }
 
-/// What survives a kill: written to the work dir after every finished shard.
+/// What survives a kill: written after every finished shard, to `cache-state.json` in the work
+/// dir for a whole run, to the part's folder for a part (see [`super::parts`]).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
-struct ResumeState {
-    shards: Vec<ShardInfo>,
-    /// Documents consumed from the dataset (stored or not).
-    docs: u64,
-    tokens: u64,
-    /// Statistics over `[base | chat]` rows of width 2·d.
-    welford: Option<Welford>,
-    /// The dataset is exhausted (or a limit reached): only finishing is left.
-    done: bool,
+pub(super) struct ResumeState {
+    /// With their global file names (`shards/00012.safetensors`), in a part too.
+    pub shards: Vec<ShardInfo>,
+    /// Documents consumed from the dataset (stored or not), from its start.
+    pub docs: u64,
+    /// Tokens stored, from the dataset's start.
+    pub tokens: u64,
+    /// Statistics over `[base | chat]` rows of width 2·d (a whole run; a part keeps its windows'
+    /// batches in files instead).
+    pub welford: Option<Welford>,
+    /// The dataset is exhausted, a limit reached or the part's end reached: only finishing is left.
+    pub done: bool,
+    /// Seconds from the start of each attempt to its last commit, summed over attempts.
+    #[serde(default)]
+    pub seconds: f64,
+    /// A part's plan and what its models contribute to `cache.json`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<super::parts::PartRecord>,
 }
 
 impl ResumeState {
-    fn path(ctx: &StageContext) -> PathBuf {
-        ctx.work_dir().join("cache-state.json")
-    }
-
-    fn load(ctx: &StageContext) -> Result<ResumeState, StageError> {
-        let path = Self::path(ctx);
-        match std::fs::read_to_string(&path) {
+    /// The state at `path`; the empty state when there is none.
+    pub(super) fn load(path: &Path) -> Result<ResumeState, StageError> {
+        match std::fs::read_to_string(path) {
             Ok(text) => serde_json::from_str(&text)
                 .map_err(|e| StageError::failed(format!("{}: unreadable resume state: {e}", path.display()))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ResumeState::default()),
@@ -266,12 +282,253 @@ impl ResumeState {
         }
     }
 
-    fn save(&self, path: &Path) -> Result<(), CacheError> {
-        let tmp = path.with_extension("tmp");
-        let io = |source| CacheError::Io { path: path.to_owned(), source };
-        std::fs::write(&tmp, serde_json::to_vec(self).expect("serializable")).map_err(io)?;
-        std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)
+    pub(super) fn save(&self, path: &Path) -> Result<(), CacheError> {
+        write_durably(path, &serde_json::to_vec(self).expect("serializable"))
+    }
+}
+
+/// Writes `bytes` to a temporary file beside `path`, syncs it and renames it into place.
+pub(super) fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), CacheError> {
+    let tmp = path.with_extension("tmp");
+    let io = |source| CacheError::Io { path: path.to_owned(), source };
+    std::fs::write(&tmp, bytes).map_err(io)?;
+    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// The name of shard `index` in the cache folder (and in a part's folder).
+pub(super) fn shard_file(index: usize) -> String {
+    format!("shards/{index:05}.safetensors")
+}
+
+/// The one rule for where a shard ends, followed by the writer and by the split plan: at the
+/// first window boundary where it holds `shard_tokens` rows, or at the last window.
+pub(super) fn shard_ends(rows: u64, shard_tokens: u64, last_window: bool) -> bool {
+    rows >= shard_tokens || last_window
+}
+
+/// What every portion of the stage opens first, on the CPU: the input paths, the tokenizer and
+/// the base token map.
+pub(super) struct Inputs {
+    pub base_dir: PathBuf,
+    pub chat_dir: PathBuf,
+    pub data: PathBuf,
+    /// The folder whose tokenizer encodes the documents.
+    pub tok_dir: PathBuf,
+    pub tokenizer: TextTokenizer,
+    pub token_map: TokenMap,
+}
+
+impl Inputs {
+    pub(super) fn open(p: &CacheParams, ctx: &StageContext) -> Result<Inputs, StageError> {
+        let base_dir = ctx.external("base")[0].clone();
+        let chat_dir = ctx.external("chat")[0].clone();
+        let data = ctx.external("data")[0].clone();
+        let tok_dir = match p.tokenizer {
+            TokenizerSource::Chat => chat_dir.clone(),
+            TokenizerSource::Base => base_dir.clone(),
+        };
+        let tokenizer = TextTokenizer::from_dir(&tok_dir)
+            .and_then(|t| t.with_context_len(p.context_len))
+            .map_err(StageError::other)?;
+        let token_map = p.base_token_map.resolve().map_err(StageError::failed)?;
+        if let Some(id) = token_map.out_of_vocab(tokenizer.vocab_size()) {
+            return Err(StageError::failed(format!(
+                "base_token_map uses token id {id}, outside the vocabulary of {} ({} tokens)",
+                tok_dir.join("tokenizer.json").display(),
+                tokenizer.vocab_size()
+            )));
+        }
+        Ok(Inputs { base_dir, chat_dir, data, tok_dir, tokenizer, token_map })
+    }
+
+    /// The dataset's texts in order, from document `from` on (the ones before are read and
+    /// dropped).
+    pub(super) fn texts_from(&self, p: &CacheParams, from: u64) -> Result<Texts<'_>, StageError> {
+        let column = match p.column_type {
+            ColumnType::Text => Column::Text(p.column.clone()),
+            ColumnType::Messages => Column::Messages(p.column.clone()),
+        };
+        let max_docs = p.max_docs.map(|n| n as usize);
+        let mut texts = open_texts(&self.data, p.split.as_deref(), column, max_docs, &self.tokenizer)
+            .map_err(StageError::other)?;
+        for _ in 0..from {
+            texts.next().transpose().map_err(StageError::other)?;
+        }
+        Ok(texts)
+    }
+}
+
+/// The model pair, loaded on the run's device.
+pub(super) struct Models {
+    device: Device,
+    dtype: DType,
+    store: StoreDtype,
+    base: Model,
+    chat: Model,
+}
+
+impl Models {
+    pub(super) fn load(p: &CacheParams, ctx: &StageContext, inputs: &Inputs) -> Result<Models, StageError> {
+        let device = crate::device::candle_device(ctx.device())?;
+        let dtype = p.dtype.on(&device);
+        let store = match p.store_dtype {
+            StoreDtypeParam::Auto => StoreDtype::from_candle(dtype).expect("a float dtype"),
+            StoreDtypeParam::F32 => StoreDtype::F32,
+            StoreDtypeParam::Bf16 => StoreDtype::Bf16,
+            StoreDtypeParam::F16 => StoreDtype::F16,
+        };
+        let (base_dir, chat_dir) = (&inputs.base_dir, &inputs.chat_dir);
+        tracing::info!(
+            "loading {} and {} ({dtype:?} on {})",
+            base_dir.display(),
+            chat_dir.display(),
+            ctx.device()
+        );
+        let load = |dir: &Path| Model::load(dir, dtype, &device).map_err(StageError::other);
+        let base = load(base_dir)?;
+        let chat = load(chat_dir)?;
+        let d = base.hidden_size();
+        if chat.hidden_size() != d {
+            return Err(StageError::failed(format!(
+                "the models do not pair: {} has hidden_size {d}, {} has {}",
+                base_dir.join("config.json").display(),
+                chat_dir.join("config.json").display(),
+                chat.hidden_size()
+            )));
+        }
+        for (dir, m) in [(base_dir, &base), (chat_dir, &chat)] {
+            check_fits(dir, m, p.layer, &inputs.tokenizer, &inputs.tok_dir)?;
+        }
+        Ok(Models { device, dtype, store, base, chat })
+    }
+
+    /// What the models contribute to `cache.json`.
+    pub(super) fn produced(&self, inputs: &Inputs) -> Produced {
+        let info = |dir: &Path, m: &Model| ModelInfo {
+            path: dir.to_owned(),
+            model_type: m.model_type().into(),
+            num_layers: m.num_layers(),
+            hidden_size: m.hidden_size(),
+        };
+        Produced {
+            d_model: self.base.hidden_size(),
+            dtype: self.store,
+            compute_dtype: format!("{:?}", self.dtype).to_lowercase(),
+            models: vec![info(&inputs.base_dir, &self.base), info(&inputs.chat_dir, &self.chat)],
+        }
+    }
+}
+
+/// What the models contribute to `cache.json`. Each part records it, so that assembling the
+/// parts needs no model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(super) struct Produced {
+    pub d_model: usize,
+    /// The stored dtype.
+    pub dtype: StoreDtype,
+    /// The dtype the models ran in.
+    pub compute_dtype: String,
+    /// `base` then `chat`.
+    pub models: Vec<ModelInfo>,
+}
+
+/// The dataset read window by window, exactly as every portion reads it: `READ_AHEAD ×
+/// batch_size` documents at a time, tokenized, cut after the document that brings the stored
+/// tokens (counted from the dataset's start) to `max_tokens`. The split plan reads it for the
+/// lengths only; whole runs and parts compute what it yields, so their windows, and with them
+/// the micro-batches and the activations, are the same.
+pub(super) struct Windows<'a> {
+    texts: Texts<'a>,
+    tokenizer: &'a TextTokenizer,
+    window_docs: usize,
+    ignore_first_n: usize,
+    max_tokens: Option<u64>,
+    /// The window that reaches this document is the last (a part's end).
+    end_doc: Option<u64>,
+    docs: u64,
+    tokens: u64,
+    finished: bool,
+}
+
+/// One window of [`Windows`].
+pub(super) struct Tokenized {
+    /// Every document read (the `max_tokens` cut may keep fewer): ids and full lengths.
+    pub encoded: crate::text::Batch,
+    /// Stored rows of each kept document.
+    pub kept: Vec<usize>,
+    /// Documents consumed and tokens stored from the dataset's start to the end of this window.
+    pub docs_after: u64,
+    pub tokens_after: u64,
+    /// The dataset ends, `max_tokens` is reached or the part ends with this window (which may
+    /// hold no document at all).
+    pub last: bool,
+}
+
+impl<'a> Windows<'a> {
+    /// `texts` must stand at document `docs`, after which `tokens` tokens are stored.
+    pub(super) fn new(
+        texts: Texts<'a>,
+        inputs: &'a Inputs,
+        p: &CacheParams,
+        docs: u64,
+        tokens: u64,
+        end_doc: Option<u64>,
+    ) -> Windows<'a> {
+        Windows {
+            texts,
+            tokenizer: &inputs.tokenizer,
+            window_docs: p.batch_size * READ_AHEAD,
+            ignore_first_n: p.ignore_first_n,
+            max_tokens: p.max_tokens,
+            end_doc,
+            docs,
+            tokens,
+            finished: false,
+        }
+    }
+
+    /// The next window; `None` after the last.
+    pub(super) fn next_window(&mut self) -> Result<Option<Tokenized>, StageError> {
+        if self.finished {
+            return Ok(None);
+        }
+        let mut batch_texts = Vec::with_capacity(self.window_docs);
+        for text in self.texts.by_ref().take(self.window_docs) {
+            batch_texts.push(text.map_err(StageError::other)?);
+        }
+        let exhausted = batch_texts.len() < self.window_docs;
+        let encoded = if batch_texts.is_empty() {
+            crate::text::Batch::default()
+        } else {
+            self.tokenizer.encode_batch(&batch_texts).map_err(StageError::other)?
+        };
+        let mut kept: Vec<usize> =
+            encoded.lengths.iter().map(|&l| kept_range(l, self.ignore_first_n).len()).collect();
+        // Cut after the document that reaches max_tokens.
+        let mut limit_hit = false;
+        if let Some(max) = self.max_tokens {
+            let mut total = self.tokens;
+            for (i, len) in kept.iter().enumerate() {
+                total += *len as u64;
+                if total >= max {
+                    kept.truncate(i + 1);
+                    limit_hit = true;
+                    break;
+                }
+            }
+        }
+        self.docs += kept.len() as u64;
+        self.tokens += kept.iter().sum::<usize>() as u64;
+        let part_end = self.end_doc.is_some_and(|end| self.docs >= end);
+        self.finished = exhausted || limit_hit || part_end;
+        Ok(Some(Tokenized {
+            encoded,
+            kept,
+            docs_after: self.docs,
+            tokens_after: self.tokens,
+            last: self.finished,
+        }))
     }
 }
 
@@ -288,153 +545,101 @@ struct Window {
     last: bool,
 }
 
-fn run(p: &CacheParams, ctx: &mut StageContext) -> Result<(), StageError> {
-    let t0 = Instant::now();
-    let device = crate::device::candle_device(ctx.device())?;
-    let dtype = p.dtype.on(&device);
-    let store = match p.store_dtype {
-        StoreDtypeParam::Auto => StoreDtype::from_candle(dtype).expect("a float dtype"),
-        StoreDtypeParam::F32 => StoreDtype::F32,
-        StoreDtypeParam::Bf16 => StoreDtype::Bf16,
-        StoreDtypeParam::F16 => StoreDtype::F16,
-    };
-    let base_dir = ctx.external("base")[0].clone();
-    let chat_dir = ctx.external("chat")[0].clone();
-    let data = ctx.external("data")[0].clone();
-    let tok_dir = match p.tokenizer {
-        TokenizerSource::Chat => &chat_dir,
-        TokenizerSource::Base => &base_dir,
-    };
-    let tokenizer = TextTokenizer::from_dir(tok_dir)
-        .and_then(|t| t.with_context_len(p.context_len))
-        .map_err(StageError::other)?;
-    let token_map = p.base_token_map.resolve().map_err(StageError::failed)?;
-    if let Some(id) = token_map.out_of_vocab(tokenizer.vocab_size()) {
-        return Err(StageError::failed(format!(
-            "base_token_map uses token id {id}, outside the vocabulary of {} ({} tokens)",
-            tok_dir.join("tokenizer.json").display(),
-            tokenizer.vocab_size()
-        )));
-    }
+/// Where [`compute`] writes.
+pub(super) struct Target {
+    /// Finished shards go here, under their global names.
+    pub shards_dir: PathBuf,
+    pub state_path: PathBuf,
+    pub stats: KeptStats,
+    /// Global index of the first shard written (a part's first shard).
+    pub first_shard: usize,
+    /// The window that reaches this document is the last (a part's end).
+    pub end_doc: Option<u64>,
+    /// The stored token the progress bar counts from (a part's first).
+    pub progress_from: u64,
+}
 
-    tracing::info!(
-        "loading {} and {} ({dtype:?} on {})",
-        base_dir.display(),
-        chat_dir.display(),
-        ctx.device()
-    );
-    let load = |dir: &Path| Model::load(dir, dtype, &device).map_err(StageError::other);
-    let base = load(&base_dir)?;
-    let chat = load(&chat_dir)?;
-    let d = base.hidden_size();
-    if chat.hidden_size() != d {
-        return Err(StageError::failed(format!(
-            "the models do not pair: {} has hidden_size {d}, {} has {}",
-            base_dir.join("config.json").display(),
-            chat_dir.join("config.json").display(),
-            chat.hidden_size()
-        )));
-    }
-    for (dir, m) in [(&base_dir, &base), (&chat_dir, &chat)] {
-        check_fits(dir, m, p.layer, &tokenizer, tok_dir)?;
-    }
+/// How [`compute`] keeps the statistics of its windows.
+pub(super) enum KeptStats {
+    /// Merged into the resume state's running [`Welford`] (a whole run).
+    Merged,
+    /// Each window's [`Batch`], in order, in `<folder>/<shard>.bin` per finished shard (a part:
+    /// the merges are replayed in dataset order when the parts are assembled).
+    PerShard(PathBuf),
+}
 
-    let column = match p.column_type {
-        ColumnType::Text => Column::Text(p.column.clone()),
-        ColumnType::Messages => Column::Messages(p.column.clone()),
+impl KeptStats {
+    /// The statistics file of the shard named `file` (`shards/00012.safetensors`).
+    pub(super) fn file_of(dir: &Path, file: &str) -> PathBuf {
+        let name = file.trim_start_matches("shards/").trim_end_matches(".safetensors");
+        dir.join(format!("{name}.bin"))
+    }
+}
+
+/// Computes and writes the windows after `state` until the last: the window loop of a whole run
+/// and of a part. A writer thread appends each window to the current shard and commits the
+/// resume state after every finished shard; files the state does not list (a shard being
+/// written when an earlier attempt died) are deleted first. `started` is when this attempt
+/// began, for the state's seconds.
+pub(super) fn compute(
+    p: &CacheParams,
+    ctx: &StageContext,
+    inputs: &Inputs,
+    models: &Models,
+    state: ResumeState,
+    target: &Target,
+    started: Instant,
+) -> Result<ResumeState, StageError> {
+    std::fs::create_dir_all(&target.shards_dir)
+        .map_err(|e| StageError::io(target.shards_dir.display(), e))?;
+    let listed = |ext: &str| -> std::collections::BTreeSet<String> {
+        state
+            .shards
+            .iter()
+            .map(|s| s.file.trim_start_matches("shards/").replace(".safetensors", ext))
+            .collect()
     };
-    let max_docs = p.max_docs.map(|n| n as usize);
-    let mut texts =
-        open_texts(&data, p.split.as_deref(), column, max_docs, &tokenizer).map_err(StageError::other)?;
-    let files = texts.files().to_vec();
-
-    let shards_dir = ctx.out_dir().join("shards");
-    std::fs::create_dir_all(&shards_dir).map_err(|e| StageError::io(shards_dir.display(), e))?;
-    let state = ResumeState::load(ctx)?;
-    remove_unfinished_shards(&shards_dir, &state)?;
-    if state.docs > 0 {
+    remove_unlisted(&target.shards_dir, &listed(".safetensors"))?;
+    if let KeptStats::PerShard(dir) = &target.stats {
+        std::fs::create_dir_all(dir).map_err(|e| StageError::io(dir.display(), e))?;
+        remove_unlisted(dir, &listed(".bin"))?;
+    }
+    if state.done {
+        return Ok(state);
+    }
+    if !state.shards.is_empty() {
         tracing::info!(
             "resuming after {} shards: {} documents, {} tokens already cached",
             state.shards.len(),
             state.docs,
             state.tokens
         );
-        for _ in 0..state.docs {
-            texts.next().transpose().map_err(StageError::other)?;
-        }
     }
+    let texts = inputs.texts_from(p, state.docs)?;
+    let mut windows = Windows::new(texts, inputs, p, state.docs, state.tokens, target.end_doc);
     let progress = ctx.progress().clone();
-    match p.max_tokens {
-        Some(n) => progress.set_total(n, "tokens"),
-        None => progress.set_total(0, "tokens"),
-    }
-    progress.set_done(state.tokens);
-
-    let state_path = ResumeState::path(ctx);
-    let window_docs = p.batch_size * READ_AHEAD;
-    let mut docs = state.docs;
-    let mut tokens = state.tokens;
-    let started_tokens = state.tokens;
+    progress.set_done(state.tokens - target.progress_from);
     let (tx, rx) = mpsc::sync_channel::<Window>(1);
-    let writer_state = state.clone();
-    let shard_tokens = p.shard_tokens;
-    let result: Result<ResumeState, StageError> = std::thread::scope(|scope| {
-        let writer = scope
-            .spawn(move || write_windows(rx, writer_state, &shards_dir, d, store, shard_tokens, &state_path));
+    let (d, store, shard_tokens) = (models.base.hidden_size(), models.store, p.shard_tokens);
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(move || write_windows(rx, state, target, d, store, shard_tokens, started));
         let compute = (|| -> Result<(), StageError> {
-            if state.done {
-                return Ok(());
-            }
             loop {
                 ctx.check_cancelled()?;
-                let mut batch_texts = Vec::with_capacity(window_docs);
-                for text in texts.by_ref().take(window_docs) {
-                    batch_texts.push(text.map_err(StageError::other)?);
-                }
-                let exhausted = batch_texts.len() < window_docs;
-                if batch_texts.is_empty() {
-                    let window = Window {
-                        acts: Vec::new(),
-                        tokens: Vec::new(),
-                        lengths: Vec::new(),
-                        docs_after: docs,
-                        last: true,
-                    };
-                    let _ = tx.send(window);
-                    return Ok(());
-                }
-                let encoded = tokenizer.encode_batch(&batch_texts).map_err(StageError::other)?;
-                let mut lengths: Vec<usize> =
-                    encoded.lengths.iter().map(|&l| kept_range(l, p.ignore_first_n).len()).collect();
-                // Cut after the document that reaches max_tokens.
-                let mut limit_hit = false;
-                if let Some(max) = p.max_tokens {
-                    let mut total = tokens;
-                    for (i, len) in lengths.iter().enumerate() {
-                        total += *len as u64;
-                        if total >= max {
-                            lengths.truncate(i + 1);
-                            limit_hit = true;
-                            break;
-                        }
-                    }
-                }
-                let window = forward_window(
-                    &encoded.ids,
-                    &encoded.lengths[..lengths.len()],
+                let Some(w) = windows.next_window()? else { return Ok(()) };
+                let (acts, tokens) = forward_window(
+                    &w.encoded.ids,
+                    &w.encoded.lengths[..w.kept.len()],
                     p,
-                    &token_map,
-                    &base,
-                    &chat,
-                    &device,
+                    &inputs.token_map,
+                    &models.base,
+                    &models.chat,
+                    &models.device,
                     ctx,
                 )?;
-                let n: usize = lengths.iter().sum();
-                docs += lengths.len() as u64;
-                tokens += n as u64;
-                let last = exhausted || limit_hit;
-                let window = Window { acts: window.0, tokens: window.1, lengths, docs_after: docs, last };
-                progress.set_done(tokens);
+                progress.set_done(w.tokens_after - target.progress_from);
+                let last = w.last;
+                let window = Window { acts, tokens, lengths: w.kept, docs_after: w.docs_after, last };
                 if tx.send(window).is_err() {
                     return Ok(()); // the writer failed; its error is reported below
                 }
@@ -447,38 +652,88 @@ fn run(p: &CacheParams, ctx: &mut StageContext) -> Result<(), StageError> {
         let written = writer.join().map_err(|_| StageError::failed("the shard writer panicked"))?;
         compute?;
         written.map_err(StageError::other)
-    });
-    let state = result?;
+    })
+}
+
+fn run(p: &CacheParams, ctx: &mut StageContext) -> Result<(), StageError> {
+    match ctx.portion() {
+        Portion::Whole => run_whole(p, ctx),
+        Portion::Part { index, count } => super::parts::run_part(p, ctx, index, count),
+        Portion::Assemble { count } => super::parts::assemble(p, ctx, count),
+    }
+}
+
+fn run_whole(p: &CacheParams, ctx: &mut StageContext) -> Result<(), StageError> {
+    let t0 = Instant::now();
+    let inputs = Inputs::open(p, ctx)?;
+    let models = Models::load(p, ctx, &inputs)?;
+    let state_path = ctx.work_dir().join("cache-state.json");
+    let state = ResumeState::load(&state_path)?;
+    let progress = ctx.progress().clone();
+    match p.max_tokens {
+        Some(n) => progress.set_total(n, "tokens"),
+        None => progress.set_total(0, "tokens"),
+    }
+    let started_tokens = state.tokens;
+    let target = Target {
+        shards_dir: ctx.out_dir().join("shards"),
+        state_path,
+        stats: KeptStats::Merged,
+        first_shard: 0,
+        end_doc: None,
+        progress_from: 0,
+    };
+    let state = compute(p, ctx, &inputs, &models, state, &target, t0)?;
     if state.tokens == 0 {
         return Err(StageError::failed(format!(
             "no token stored from {}: every document is shorter than ignore_first_n + 1 = {} tokens",
-            data.display(),
+            inputs.data.display(),
             p.ignore_first_n + 1
         )));
     }
+    let secs = t0.elapsed().as_secs_f64();
+    let computed = state.tokens - started_tokens;
+    tracing::info!(
+        "cached {} tokens of {} documents in {} shards ({:.0} tokens/s this attempt)",
+        state.tokens,
+        state.docs,
+        state.shards.len(),
+        computed as f64 / secs
+    );
     let welford = state.welford.as_ref().expect("tokens were stored");
+    let produced = models.produced(&inputs);
+    write_outputs(p, ctx, &inputs, &produced, &state, welford, computed as f64 / secs)
+}
+
+/// Writes `stats.safetensors` and `cache.json` beside the shards of `state` and records the
+/// metrics (a whole run and the assembly of parts). `tokens_per_s` is what the caller measured.
+pub(super) fn write_outputs(
+    p: &CacheParams,
+    ctx: &mut StageContext,
+    inputs: &Inputs,
+    produced: &Produced,
+    state: &ResumeState,
+    welford: &Welford,
+    tokens_per_s: f64,
+) -> Result<(), StageError> {
+    let d = produced.d_model;
     write_stats(&ctx.out_dir().join("stats.safetensors"), welford, d)?;
-    let model_info = |dir: &Path, m: &Model| ModelInfo {
-        path: dir.to_owned(),
-        model_type: m.model_type().into(),
-        num_layers: m.num_layers(),
-        hidden_size: m.hidden_size(),
-    };
+    let files = inputs.texts_from(p, 0)?.files().to_vec();
     let meta = CacheMeta {
         format: FORMAT.into(),
         d_model: d,
         layer: p.layer,
-        dtype: store,
-        compute_dtype: format!("{dtype:?}").to_lowercase(),
+        dtype: produced.dtype,
+        compute_dtype: produced.compute_dtype.clone(),
         tokens: state.tokens,
         docs: state.docs,
         shards: state.shards.clone(),
-        models: vec![model_info(&base_dir, &base), model_info(&chat_dir, &chat)],
-        tokenizer: tok_dir.clone(),
+        models: produced.models.clone(),
+        tokenizer: inputs.tok_dir.clone(),
         context_len: p.context_len,
         ignore_first_n: p.ignore_first_n,
-        base_token_map: token_map.pairs().collect(),
-        bos_id: tokenizer.bos_id(),
+        base_token_map: inputs.token_map.pairs().collect(),
+        bos_id: inputs.tokenizer.bos_id(),
         dataset: DatasetInfo {
             files,
             split: p.split.clone(),
@@ -493,33 +748,25 @@ fn run(p: &CacheParams, ctx: &mut StageContext) -> Result<(), StageError> {
     let meta_path = ctx.out_dir().join("cache.json");
     std::fs::write(&meta_path, serde_json::to_vec_pretty(&meta).expect("serializable"))
         .map_err(|e| StageError::io(meta_path.display(), e))?;
-    let secs = t0.elapsed().as_secs_f64();
-    let computed = state.tokens - started_tokens;
-    tracing::info!(
-        "cached {} tokens of {} documents in {} shards ({:.0} tokens/s this attempt)",
-        state.tokens,
-        state.docs,
-        state.shards.len(),
-        computed as f64 / secs
-    );
     ctx.record_metric("tokens", state.tokens);
     ctx.record_metric("docs", state.docs);
     ctx.record_metric("shards", state.shards.len() as u64);
     ctx.record_metric("d_model", d as u64);
-    ctx.record_metric("dtype", store.to_string());
-    ctx.record_metric("tokens_per_s", (computed as f64 / secs).round());
+    ctx.record_metric("dtype", produced.dtype.to_string());
+    ctx.record_metric("tokens_per_s", tokens_per_s.round());
     Ok(())
 }
 
-/// Deletes shard files the resume state does not list (a shard being written when the run died).
-fn remove_unfinished_shards(dir: &Path, state: &ResumeState) -> Result<(), StageError> {
-    let listed: std::collections::BTreeSet<String> =
-        state.shards.iter().map(|s| s.file.trim_start_matches("shards/").to_string()).collect();
+/// Deletes the files in `dir` not named in `listed` (a shard being written when a run died).
+pub(super) fn remove_unlisted(
+    dir: &Path,
+    listed: &std::collections::BTreeSet<String>,
+) -> Result<(), StageError> {
     for entry in std::fs::read_dir(dir).map_err(|e| StageError::io(dir.display(), e))? {
         let entry = entry.map_err(|e| StageError::io(dir.display(), e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
         if !listed.contains(&name) {
-            tracing::info!("discarding unfinished shard {name}");
+            tracing::info!("discarding unfinished {}", entry.path().display());
             std::fs::remove_file(entry.path()).map_err(|e| StageError::io(entry.path().display(), e))?;
         }
     }
@@ -619,60 +866,77 @@ fn forward_window(
 fn write_windows(
     rx: mpsc::Receiver<Window>,
     mut state: ResumeState,
-    dir: &Path,
+    target: &Target,
     d: usize,
     dtype: StoreDtype,
     shard_tokens: u64,
-    state_path: &Path,
+    started: Instant,
 ) -> Result<ResumeState, CacheError> {
     let mut current: Option<(ShardWriter, String, u64)> = None;
     let mut welford = state.welford.clone().unwrap_or_else(|| Welford::new(2 * d));
+    // A part's batch statistics of the current shard's windows.
+    let mut batches: Vec<u8> = Vec::new();
     let mut docs_in_flight = state.docs;
     let mut tokens_in_flight = state.tokens;
+    let seconds_before = state.seconds;
     let finish = |current: &mut Option<(ShardWriter, String, u64)>,
                   state: &mut ResumeState,
                   welford: &Welford,
+                  batches: &mut Vec<u8>,
                   docs: u64,
                   tokens: u64,
                   done: bool|
      -> Result<(), CacheError> {
         if let Some((w, file, first_doc)) = current.take() {
             let (rows, ndocs) = w.finish()?;
+            if let KeptStats::PerShard(dir) = &target.stats {
+                let path = KeptStats::file_of(dir, &file);
+                std::fs::write(&path, &*batches)
+                    .and_then(|()| std::fs::File::open(&path)?.sync_all())
+                    .map_err(|source| CacheError::Io { path, source })?;
+                batches.clear();
+            }
             state.shards.push(ShardInfo { file, tokens: rows, first_doc, docs: ndocs });
         }
         state.docs = docs;
         state.tokens = tokens;
-        state.welford = Some(welford.clone());
+        if matches!(target.stats, KeptStats::Merged) {
+            state.welford = Some(welford.clone());
+        }
         state.done = done;
-        state.save(state_path)
+        state.seconds = seconds_before + started.elapsed().as_secs_f64();
+        state.save(&target.state_path)
     };
     for window in rx {
         if !window.tokens.is_empty() || !window.lengths.is_empty() {
             if current.is_none() {
-                let file = format!("shards/{:05}.safetensors", state.shards.len());
-                let w = ShardWriter::create(&dir.join(file.trim_start_matches("shards/")), d, dtype)?;
-                current = Some((w, file, docs_in_flight));
+                let file = shard_file(target.first_shard + state.shards.len());
+                let path = target.shards_dir.join(file.trim_start_matches("shards/"));
+                current = Some((ShardWriter::create(&path, d, dtype)?, file, docs_in_flight));
             }
             let (w, _, _) = current.as_mut().expect("just created");
             w.append(&window.acts, &window.tokens, &window.lengths)?;
-            welford.update(&window.acts);
+            let batch = Batch::of(&window.acts, 2 * d);
+            match &target.stats {
+                KeptStats::Merged => welford.merge(&batch),
+                KeptStats::PerShard(_) if batch.count > 0 => batch.encode(&mut batches),
+                KeptStats::PerShard(_) => {}
+            }
             docs_in_flight = window.docs_after;
             tokens_in_flight += window.tokens.len() as u64;
         }
-        let full = current.as_ref().is_some_and(|(w, _, _)| w.rows() >= shard_tokens);
-        if full || window.last {
-            finish(&mut current, &mut state, &welford, docs_in_flight, tokens_in_flight, window.last)?;
+        // No shard open: 0 rows, below any shard_tokens.
+        let rows = current.as_ref().map_or(0, |(w, _, _)| w.rows());
+        if shard_ends(rows, shard_tokens, window.last) {
+            let (docs, tokens) = (docs_in_flight, tokens_in_flight);
+            finish(&mut current, &mut state, &welford, &mut batches, docs, tokens, window.last)?;
         }
         if window.last {
             break;
         }
     }
-    if !state.done {
-        // The compute side stopped early (error or cancel): keep only finished shards.
-        if let Some((w, _, _)) = current.take() {
-            drop(w);
-        }
-    }
+    // If the compute side stopped early (error or cancel), the unfinished shard is dropped here;
+    // the next attempt deletes it.
     Ok(state)
 }
 
