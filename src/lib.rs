@@ -352,6 +352,7 @@ pub fn main_with(registry: Registry) -> ExitCode {
             cancel.cancel();
         });
     }
+    on_sigterm(cancel.clone());
     match dispatch(cli, &registry, cancel) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
@@ -364,6 +365,31 @@ pub fn main_with(registry: Registry) -> ExitCode {
             ExitCode::from(exit::BAD_INPUT)
         }
     }
+}
+
+/// SIGTERM (`scancel`, a job's time limit, `kill`) stops like a first Ctrl-C: running stages end
+/// cleanly at their next check and stay resumable. SIGHUP keeps its default (the process ends):
+/// a Slurm coordinator whose terminal went away leaves its jobs running.
+fn on_sigterm(cancel: Cancel) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static TERM: AtomicBool = AtomicBool::new(false);
+    extern "C" fn handler(_: libc::c_int) {
+        TERM.store(true, Ordering::SeqCst);
+    }
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGTERM, handler as *const () as libc::sighandler_t);
+    }
+    let _ = std::thread::Builder::new().name("pipe-sigterm".into()).spawn(move || {
+        loop {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            if TERM.load(Ordering::SeqCst) {
+                eprintln!("terminated: stopping (running stages end cleanly; partials stay resumable)");
+                cancel.cancel();
+                return;
+            }
+        }
+    });
 }
 
 fn init_logging(verbose: u8, quiet: bool) {
@@ -446,20 +472,24 @@ fn print_json(v: &serde_json::Value) {
 fn slurm_status_text(
     file: &engine::slurm::JobsFile,
     stages: &std::collections::BTreeMap<String, engine::slurm::StageJobs>,
+    order: &[&str],
 ) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     if stages.is_empty() {
         return out;
     }
-    let _ = writeln!(
-        out,
-        "\nslurm ({}, {} {}):",
-        if file.attached { "coordinated" } else { "detached" },
-        file.coordinator,
-        file.updated
-    );
-    for (name, sj) in stages {
+    let active =
+        stages.values().flat_map(|s| &s.jobs).any(|j| engine::slurm::JobState::parse(&j.state).is_active());
+    let who = match (file.attached, active) {
+        (true, _) => format!("watched by {}", file.coordinator),
+        (false, true) => {
+            "no coordinator is watching; `pipe run FILE --executor slurm` reattaches".to_string()
+        }
+        (false, false) => format!("last coordinated by {}", file.coordinator),
+    };
+    let _ = writeln!(out, "\nslurm jobs ({who}; updated {}):", file.updated);
+    for (name, sj) in order.iter().filter_map(|n| stages.get_key_value(*n)) {
         let jobs: Vec<String> = sj
             .jobs
             .iter()
@@ -645,7 +675,8 @@ fn dispatch(cli: Cli, registry: &Registry, cancel: Cancel) -> Result<u8> {
             } else {
                 print!("{}", engine::report::status_text(&plan));
                 if let Some((file, stages)) = &jobs {
-                    print!("{}", slurm_status_text(file, stages));
+                    let order: Vec<&str> = plan.stages.iter().map(|s| s.name.as_str()).collect();
+                    print!("{}", slurm_status_text(file, stages, &order));
                 }
             }
             Ok(0)

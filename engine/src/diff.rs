@@ -299,6 +299,7 @@ mod tests {
             files: vec![],
             datastore: None,
             stages: vec![],
+            executor: Default::default(),
             effective: toml::Table::new(),
         }
     }

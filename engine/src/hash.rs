@@ -93,31 +93,48 @@ impl Hasher {
         }
     }
 
-    fn memo_path(&self, meta: &fs::Metadata) -> Option<PathBuf> {
-        let id = file_id(meta);
+    fn memo_path(&self, id: &str) -> Option<PathBuf> {
         let dir = self.dir.as_ref()?;
         Some(dir.join(&id[..2.min(id.len())]).join(id))
     }
 
+    /// The memo entries of a file version: by device and inode (exact on one machine), and by
+    /// path and inode, which another machine mounting the same shared filesystem at the same
+    /// path also finds (device numbers of network mounts differ between machines; NFS inode
+    /// numbers do not), so cluster jobs do not re-read model files the coordinator hashed.
+    fn memo_paths(&self, path: &Path, meta: &fs::Metadata) -> Vec<PathBuf> {
+        let canonical = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        let at = blake3::hash(canonical.as_os_str().as_encoded_bytes()).to_hex();
+        let shared = format!(
+            "{}-{:x}-{:x}-{}",
+            &at[..16],
+            meta.ino(),
+            meta.size(),
+            meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128
+        );
+        [file_id(meta), shared].iter().filter_map(|id| self.memo_path(id)).collect()
+    }
+
     fn hash_file(&self, path: &Path, meta: &fs::Metadata) -> Result<ContentHash, HashError> {
-        let memo = self.memo_path(meta);
-        if let Some(m) = &memo
-            && let Ok(hex) = fs::read_to_string(m)
-            && let Some(k) = Key::parse(hex.trim())
-        {
-            self.stats.memo_hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(k);
+        let memos = self.memo_paths(path, meta);
+        for m in &memos {
+            if let Ok(hex) = fs::read_to_string(m)
+                && let Some(k) = Key::parse(hex.trim())
+            {
+                self.stats.memo_hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(k);
+            }
         }
         tracing::debug!(path = %path.display(), bytes = meta.size(), "hashing");
         let hash = hash_file_contents(path)?;
         self.stats.files_read.fetch_add(1, Ordering::Relaxed);
         self.stats.bytes_read.fetch_add(meta.size(), Ordering::Relaxed);
         // The file may have changed while it was read; memoize only if its identity held.
-        if let Some(m) = memo
-            && fs::metadata(path).map(|after| file_id(&after) == file_id(meta)).unwrap_or(false)
-        {
-            // A lost memo write only costs a re-read later; never fail the run for it.
-            let _ = crate::store::write_atomic(&m, hash.hex().as_bytes());
+        if fs::metadata(path).map(|after| file_id(&after) == file_id(meta)).unwrap_or(false) {
+            for m in &memos {
+                // A lost memo write only costs a re-read later; never fail the run for it.
+                let _ = crate::store::write_atomic(m, hash.hex().as_bytes());
+            }
         }
         Ok(hash)
     }
@@ -165,6 +182,25 @@ mod tests {
         let b = h.hash_path(&f).unwrap();
         assert_ne!(a, b);
         assert_eq!(h.stats.files_read.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn another_machine_finds_the_memo_by_path() {
+        // Another node sees the shared file under another device number: only the entry keyed by
+        // path and inode is there for it.
+        let t = tempfile::tempdir().unwrap();
+        let f = t.path().join("model.safetensors");
+        fs::write(&f, b"weights").unwrap();
+        let memo = t.path().join("memo");
+        let h = Hasher::new(Some(memo.clone()));
+        let a = h.hash_path(&f).unwrap();
+        let local =
+            memo.join(&file_id(&fs::metadata(&f).unwrap())[..2]).join(file_id(&fs::metadata(&f).unwrap()));
+        fs::remove_file(&local).unwrap();
+        let other = Hasher::new(Some(memo));
+        assert_eq!(other.hash_path(&f).unwrap(), a);
+        assert_eq!(other.stats.files_read.load(Ordering::Relaxed), 0, "found by path");
+        assert_eq!(other.stats.memo_hits.load(Ordering::Relaxed), 1);
     }
 
     #[test]

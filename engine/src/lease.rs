@@ -51,6 +51,10 @@ impl Holder {
     fn stale(&self, now: f64, me: &str) -> bool {
         now > self.renewed + self.ttl_s || (self.host == me && !pid_alive(self.pid))
     }
+    /// Whether anyone may break this lease now.
+    pub fn is_stale(&self) -> bool {
+        self.stale(now_s(), &hostname())
+    }
     /// `host pid N (Slurm job J)`, for messages.
     pub fn describe(&self) -> String {
         let job = self.job.as_ref().map(|j| format!(", Slurm job {j}")).unwrap_or_default();

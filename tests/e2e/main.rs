@@ -16,5 +16,6 @@ mod plot;
 mod resume;
 mod scale;
 mod serve;
+mod slurm;
 mod store;
 mod train;

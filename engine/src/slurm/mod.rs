@@ -600,6 +600,12 @@ impl Coordinator<'_> {
             }
         }
         for (name, job, state) in ended_runs {
+            // Handling an earlier one may have requeued this stage (its job was waiting on a job
+            // that is being resubmitted): its cancellation is ours, not an end.
+            let t = self.task(&name);
+            if t.state != TaskState::Submitted || t.run_job().map(|j| &j.id) != Some(&job.id) {
+                continue;
+            }
             self.job_ended(&name, &job, &state);
         }
     }
@@ -889,7 +895,9 @@ pub fn status(
     plan: &Plan,
     sched: &dyn Scheduler,
 ) -> Option<(JobsFile, BTreeMap<String, StageJobs>)> {
-    let file = read_jobs(store, &p.name)?;
+    let mut file = read_jobs(store, &p.name)?;
+    // A coordinator killed hard left `attached`; its lease says whether it is alive.
+    file.attached &= store.coordinator_holder(&p.name).is_some_and(|h| !h.is_stale());
     let mut out = BTreeMap::new();
     for s in &plan.stages {
         if let Some(sj) = file.stages.get(&s.name)
@@ -916,7 +924,10 @@ pub fn status(
 }
 
 #[cfg(test)]
-mod tests {
+mod tests;
+
+#[cfg(test)]
+mod unit {
     use super::*;
 
     #[test]
