@@ -409,6 +409,7 @@ impl Executed {
 
 /// Runs one stage of a plan in this process, as a cluster job does (`pipe exec-stage`): its
 /// upstreams must be published. Locks, resume and publishing are as in [`run`].
+#[allow(clippy::too_many_arguments)]
 pub fn execute_one(
     p: &Pipeline,
     registry: &Registry,

@@ -78,7 +78,11 @@ fn pipeline(env: &Env) {
     let toml = tiny_toml()
         .replace("[stages.train]\n", "[stages.train]\ncheckpoint_every = 25\n")
         .replace("epochs = 25", "epochs = 60");
-    let toml = toml.replacen("[stages.cache_web]\n", "[stages.cache_web]\nshard_tokens = 700\n", 1);
+    let web = toml.find("[stages.cache_web]").expect("a cache_web stage");
+    let at = web + toml[web..].find("shard_tokens = 2000").expect("cache_web's shard_tokens");
+    // Shards close at window ends (8 × batch_size documents): small windows, several shards.
+    let toml =
+        format!("{}shard_tokens = 700\nbatch_size = 2{}", &toml[..at], &toml[at + "shard_tokens = 2000".len()..]);
     assert!(toml.contains("shard_tokens = 700") && toml.contains("epochs = 60"), "tiny.toml changed shape");
     env.write("tiny.toml", &toml);
 }
@@ -185,11 +189,11 @@ fn tiny_pipeline_on_slurm_equals_local_survives_kill_and_cancel_and_reattaches()
 
     // 1. A worker killed with SIGKILL (a lost node) is resubmitted; its resubmission is then
     //    cancelled with scancel mid-way: the run fails and says so.
-    let env = Env::pipe();
+    let mut env = Env::pipe();
+    env.set_var("SLURM_CONF", &cluster.conf);
     pipeline(&env);
     let mut coord = env
         .cmd(&slurm_args(&["--max-retries", "2"]))
-        .env("SLURM_CONF", &cluster.conf)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -222,7 +226,7 @@ fn tiny_pipeline_on_slurm_equals_local_survives_kill_and_cancel_and_reattaches()
     assert!(text.contains("slurm jobs (") && text.contains(&format!("job {second} CANCELLED")), "{text}");
 
     // 2. The rerun resumes the training and finishes; everything equals the local run.
-    let out = env.cmd(&slurm_args(&[])).env("SLURM_CONF", &cluster.conf).output().unwrap();
+    let out = env.cmd(&slurm_args(&[])).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("cached       cache_web") && stderr.contains("done         train"), "{stderr}");
@@ -238,14 +242,11 @@ fn tiny_pipeline_on_slurm_equals_local_survives_kill_and_cancel_and_reattaches()
 
     // 3. --detach submits and returns; the next run reattaches to the queued jobs (held here, so
     //    that they are still queued when it starts).
-    let env = Env::pipe();
+    let mut env = Env::pipe();
+    env.set_var("SLURM_CONF", &cluster.conf);
     pipeline(&env);
     let t0 = Instant::now();
-    let out = env
-        .cmd(&slurm_args(&["--detach", "--sbatch-arg=--hold"]))
-        .env("SLURM_CONF", &cluster.conf)
-        .output()
-        .unwrap();
+    let out = env.cmd(&slurm_args(&["--detach", "--sbatch-arg=--hold"])).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("detached:"), "{stderr}");
@@ -261,13 +262,7 @@ fn tiny_pipeline_on_slurm_equals_local_survives_kill_and_cancel_and_reattaches()
     assert_eq!(st["slurm"]["stages"]["plot"]["state"], "submitted", "{st}");
     assert_eq!(st["slurm"]["stages"]["plot"]["jobs"][0]["state"], "PENDING", "{st}");
     let plot_job = st["slurm"]["stages"]["plot"]["jobs"][0]["id"].as_str().unwrap().to_string();
-    let coord = env
-        .cmd(&slurm_args(&["-v"]))
-        .env("SLURM_CONF", &cluster.conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let coord = env.cmd(&slurm_args(&["-v"])).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     std::thread::sleep(Duration::from_secs(2));
     let o = cluster.cmd("scontrol").arg("release").arg(ids.join(",")).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -282,7 +277,7 @@ fn tiny_pipeline_on_slurm_equals_local_survives_kill_and_cancel_and_reattaches()
         assert_eq!(&got[stage], files, "stage {stage} differs from the local executor's");
     }
     // A rerun with everything cached submits nothing.
-    let out = env.cmd(&slurm_args(&["-v"])).env("SLURM_CONF", &cluster.conf).output().unwrap();
+    let out = env.cmd(&slurm_args(&["-v"])).output().unwrap();
     assert_eq!(out.status.code(), Some(0));
     assert!(!String::from_utf8_lossy(&out.stderr).contains("submitted job"));
 }

@@ -6,17 +6,23 @@ use std::process::{Child, Command, Output, Stdio};
 pub struct Env {
     pub dir: tempfile::TempDir,
     bin: &'static str,
+    vars: Vec<(String, String)>,
 }
 
 impl Env {
     /// Runs `pipe-testkit` (the engine-test stage kinds).
     pub fn new() -> Self {
-        Self { dir: tempfile::tempdir().unwrap(), bin: env!("CARGO_BIN_EXE_pipe-testkit") }
+        Self { dir: tempfile::tempdir().unwrap(), bin: env!("CARGO_BIN_EXE_pipe-testkit"), vars: Vec::new() }
     }
 
     /// Runs the real `pipe` binary (the ML stage kinds).
     pub fn pipe() -> Self {
-        Self { dir: tempfile::tempdir().unwrap(), bin: env!("CARGO_BIN_EXE_pipe") }
+        Self { dir: tempfile::tempdir().unwrap(), bin: env!("CARGO_BIN_EXE_pipe"), vars: Vec::new() }
+    }
+
+    /// Sets an environment variable for every command of this environment.
+    pub fn set_var(&mut self, name: &str, value: &str) {
+        self.vars.push((name.to_string(), value.to_string()));
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -41,6 +47,9 @@ impl Env {
             .env("DATASTORE", self.ds())
             .env("PIPE_TESTKIT_LOG", self.path("events.log"))
             .env_remove("RUST_LOG");
+        for (k, v) in &self.vars {
+            c.env(k, v);
+        }
         c
     }
 

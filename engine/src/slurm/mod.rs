@@ -915,7 +915,8 @@ pub fn status(
     let live = sched.states(&ids);
     for sj in out.values_mut() {
         for j in &mut sj.jobs {
-            if let Some(st) = live.get(&j.id) {
+            // Gone: purged, or no Slurm reachable from here; the recorded state is all we know.
+            if let Some(st) = live.get(&j.id).filter(|s| **s != JobState::Gone) {
                 j.state = st.as_str().to_string();
             }
         }
