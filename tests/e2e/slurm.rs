@@ -81,8 +81,11 @@ fn pipeline(env: &Env) {
     let web = toml.find("[stages.cache_web]").expect("a cache_web stage");
     let at = web + toml[web..].find("shard_tokens = 2000").expect("cache_web's shard_tokens");
     // Shards close at window ends (8 × batch_size documents): small windows, several shards.
-    let toml =
-        format!("{}shard_tokens = 700\nbatch_size = 2{}", &toml[..at], &toml[at + "shard_tokens = 2000".len()..]);
+    let toml = format!(
+        "{}shard_tokens = 700\nbatch_size = 2{}",
+        &toml[..at],
+        &toml[at + "shard_tokens = 2000".len()..]
+    );
     assert!(toml.contains("shard_tokens = 700") && toml.contains("epochs = 60"), "tiny.toml changed shape");
     env.write("tiny.toml", &toml);
 }
@@ -192,7 +195,7 @@ fn tiny_pipeline_on_slurm_equals_local_survives_kill_and_cancel_and_reattaches()
     let mut env = Env::pipe();
     env.set_var("SLURM_CONF", &cluster.conf);
     pipeline(&env);
-    let mut coord = env
+    let coord = env
         .cmd(&slurm_args(&["--max-retries", "2"]))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -30,6 +30,8 @@ struct Fake<'a> {
     jobs: RefCell<BTreeMap<u64, FakeJob>>,
     submitted: RefCell<Vec<(String, Vec<String>)>>,
     cancelled: RefCell<Vec<String>>,
+    /// Pressed (Ctrl-C) once this many jobs were submitted.
+    interrupt_after: Option<(usize, Cancel)>,
 }
 
 fn arg_after(script: &str, flag: &str) -> String {
@@ -53,6 +55,11 @@ impl Scheduler for Fake<'_> {
         let id = jobs.len() as u64 + 100;
         jobs.insert(id, FakeJob { stage: stage.clone(), deps, state: JobState::Pending, outcome });
         self.submitted.borrow_mut().push((stage, args.to_vec()));
+        if let Some((n, cancel)) = &self.interrupt_after
+            && self.submitted.borrow().len() == *n
+        {
+            cancel.cancel();
+        }
         Ok(id.to_string())
     }
 
@@ -174,7 +181,15 @@ from = "t"
     Setup { _dir: dir, p, registry, store }
 }
 
-fn go(s: &Setup, script: Script, max_retries: u32) -> (RunSummary, Vec<(String, Vec<String>)>, Vec<String>) {
+/// The summary, the submissions (stage, extra sbatch arguments) and the cancelled job ids.
+type Ran = (RunSummary, Vec<(String, Vec<String>)>, Vec<String>);
+
+fn go(s: &Setup, script: Script, max_retries: u32) -> Ran {
+    go_with(s, script, max_retries, None)
+}
+
+fn go_with(s: &Setup, script: Script, max_retries: u32, interrupt_after: Option<usize>) -> Ran {
+    let cancel = Cancel::new();
     let plan = crate::plan::plan(&s.p, &s.registry, &s.store, &PlanOptions::default()).unwrap();
     let fake = Fake {
         p: &s.p,
@@ -185,11 +200,12 @@ fn go(s: &Setup, script: Script, max_retries: u32) -> (RunSummary, Vec<(String, 
         jobs: RefCell::new(BTreeMap::new()),
         submitted: RefCell::new(Vec::new()),
         cancelled: RefCell::new(Vec::new()),
+        interrupt_after: interrupt_after.map(|n| (n, cancel.clone())),
     };
     let opts = SlurmRunOptions {
         slurm: SlurmOptions { poll_seconds: 0.01, max_retries, ..SlurmOptions::default() },
         only: Default::default(),
-        cancel: Cancel::new(),
+        cancel,
         detach: false,
         on_interrupt: OnInterrupt::Cancel,
         binary: PathBuf::from("/opt/pipe"),
@@ -270,4 +286,19 @@ fn retries_are_bounded() {
     let (summary, submitted, _) = go(&s, Script::from([(("a".to_string(), 0), JobState::Cancelled)]), 2);
     assert!(matches!(outcome(&summary, "a"), Outcome::Failed(e) if e.contains("was cancelled")));
     assert_eq!(submitted.len(), 3);
+}
+
+#[test]
+fn ctrl_c_cancels_the_queued_jobs_when_told_to() {
+    let s = setup();
+    let (summary, submitted, cancelled) = go_with(&s, Script::new(), 2, Some(3));
+    assert!(summary.cancelled);
+    assert_eq!(submitted.len(), 3);
+    assert_eq!(cancelled, ["100", "101", "102"]);
+    for (name, o) in &summary.stages {
+        assert_eq!(o, &Outcome::Cancelled, "{name}");
+    }
+    let file = read_jobs(&s.store, "chain").unwrap();
+    assert_eq!(file.stages["t"].state, "cancelled");
+    assert!(file.stages["t"].jobs.iter().all(|j| j.state == "CANCELLED"));
 }
