@@ -67,7 +67,8 @@ impl Holder {
 pub struct Lease {
     path: PathBuf,
     token: String,
-    stop: Arc<AtomicBool>,
+    /// Dropped to wake and stop the renewer at once.
+    stop: Option<std::sync::mpsc::Sender<()>>,
     lost: Arc<AtomicBool>,
     renewer: Option<JoinHandle<()>>,
 }
@@ -127,23 +128,16 @@ impl Lease {
     }
 
     fn start(path: &Path, token: String, ttl: Duration, on_lost: impl Fn() + Send + 'static) -> Lease {
-        let stop = Arc::new(AtomicBool::new(false));
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let lost = Arc::new(AtomicBool::new(false));
         let renewer = {
-            let (path, token, stop, lost) = (path.to_path_buf(), token.clone(), stop.clone(), lost.clone());
+            let (path, token, lost) = (path.to_path_buf(), token.clone(), lost.clone());
             std::thread::Builder::new()
                 .name("pipe-lease".into())
                 .spawn(move || {
                     let every = ttl / 4;
-                    let tick = Duration::from_millis(100).min(every);
-                    let mut waited = Duration::ZERO;
-                    while !stop.load(Ordering::SeqCst) {
-                        std::thread::sleep(tick);
-                        waited += tick;
-                        if waited < every {
-                            continue;
-                        }
-                        waited = Duration::ZERO;
+                    // Wakes every `every` to renew, or at once when the lease is dropped.
+                    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
                         if let Err(why) = renew(&path, &token, ttl) {
                             tracing::error!("lost the lease {}: {why}", path.display());
                             lost.store(true, Ordering::SeqCst);
@@ -154,7 +148,7 @@ impl Lease {
                 })
                 .ok()
         };
-        Lease { path: path.to_path_buf(), token, stop, lost, renewer }
+        Lease { path: path.to_path_buf(), token, stop: Some(stop), lost, renewer }
     }
 
     /// True once the lease was found broken or taken.
@@ -165,7 +159,7 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
+        drop(self.stop.take());
         if let Some(t) = self.renewer.take() {
             let _ = t.join();
         }
