@@ -35,7 +35,7 @@ pub enum SlurmError {
     Exec(#[from] ExecError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("cannot submit {script}: {message}")]
+    #[error("cannot submit {script}: {message} (is Slurm reachable from here: sbatch on PATH, SLURM_CONF?)")]
     Submit { script: PathBuf, message: String },
     #[error(
         "another `pipe run --executor slurm` coordinates pipeline `{pipeline}`{holder}; wait for it, or stop it (its jobs stay queued, and this command reattaches to them)"
@@ -271,7 +271,30 @@ pub fn run(
         submitted_at: BTreeMap::new(),
     };
     c.save(true, "running");
-    let status = c.drive()?;
+    let status = match c.drive() {
+        Ok(s) => s,
+        Err(e) => {
+            // A submission failed halfway (the scheduler went away, a bad sbatch option): what was
+            // queued by this run is cancelled rather than left to run unwatched.
+            let ids: Vec<String> = c.tasks.iter().flat_map(|t| t.active_ids()).collect();
+            if !ids.is_empty() {
+                tracing::warn!("cancelling the job(s) already queued: {}", ids.join(","));
+                c.sched.cancel(&ids);
+            }
+            for t in &mut c.tasks {
+                for j in &mut t.jobs {
+                    if JobState::parse(&j.state).is_active() {
+                        j.state = "CANCELLED".into();
+                    }
+                }
+                if matches!(t.state, TaskState::Waiting | TaskState::Submitted) {
+                    t.state = TaskState::Ended(Outcome::Cancelled);
+                }
+            }
+            c.save(false, "failed");
+            return Err(e);
+        }
+    };
     let summary = c.summary(status == "cancelled");
     c.save(status == "running", if status == "running" { "detached" } else { status });
     Ok(summary)

@@ -32,6 +32,8 @@ struct Fake<'a> {
     cancelled: RefCell<Vec<String>>,
     /// Pressed (Ctrl-C) once this many jobs were submitted.
     interrupt_after: Option<(usize, Cancel)>,
+    /// `sbatch` fails after this many jobs were submitted.
+    refuse_after: Option<usize>,
 }
 
 fn arg_after(script: &str, flag: &str) -> String {
@@ -41,6 +43,12 @@ fn arg_after(script: &str, flag: &str) -> String {
 
 impl Scheduler for Fake<'_> {
     fn submit(&self, script: &Path, args: &[String]) -> Result<String, SlurmError> {
+        if self.refuse_after == Some(self.submitted.borrow().len()) {
+            return Err(SlurmError::Submit {
+                script: script.into(),
+                message: "sbatch: error: invalid partition".into(),
+            });
+        }
         let text = std::fs::read_to_string(script).unwrap();
         let stage = arg_after(&text, "--stage");
         let outcome = PathBuf::from(arg_after(&text, "--outcome"));
@@ -189,6 +197,16 @@ fn go(s: &Setup, script: Script, max_retries: u32) -> Ran {
 }
 
 fn go_with(s: &Setup, script: Script, max_retries: u32, interrupt_after: Option<usize>) -> Ran {
+    try_go(s, script, max_retries, interrupt_after, None).unwrap()
+}
+
+fn try_go(
+    s: &Setup,
+    script: Script,
+    max_retries: u32,
+    interrupt_after: Option<usize>,
+    refuse_after: Option<usize>,
+) -> Result<Ran, (SlurmError, Vec<String>)> {
     let cancel = Cancel::new();
     let plan = crate::plan::plan(&s.p, &s.registry, &s.store, &PlanOptions::default()).unwrap();
     let fake = Fake {
@@ -201,6 +219,7 @@ fn go_with(s: &Setup, script: Script, max_retries: u32, interrupt_after: Option<
         submitted: RefCell::new(Vec::new()),
         cancelled: RefCell::new(Vec::new()),
         interrupt_after: interrupt_after.map(|n| (n, cancel.clone())),
+        refuse_after,
     };
     let opts = SlurmRunOptions {
         slurm: SlurmOptions { poll_seconds: 0.01, max_retries, ..SlurmOptions::default() },
@@ -210,8 +229,10 @@ fn go_with(s: &Setup, script: Script, max_retries: u32, interrupt_after: Option<
         on_interrupt: OnInterrupt::Cancel,
         binary: PathBuf::from("/opt/pipe"),
     };
-    let summary = run(&s.p, &s.registry, &s.store, &plan, &opts, &fake).unwrap();
-    (summary, fake.submitted.into_inner(), fake.cancelled.into_inner())
+    match run(&s.p, &s.registry, &s.store, &plan, &opts, &fake) {
+        Ok(summary) => Ok((summary, fake.submitted.into_inner(), fake.cancelled.into_inner())),
+        Err(e) => Err((e, fake.cancelled.into_inner())),
+    }
 }
 
 fn outcome<'a>(s: &'a RunSummary, name: &str) -> &'a Outcome {
@@ -301,4 +322,15 @@ fn ctrl_c_cancels_the_queued_jobs_when_told_to() {
     let file = read_jobs(&s.store, "chain").unwrap();
     assert_eq!(file.stages["t"].state, "cancelled");
     assert!(file.stages["t"].jobs.iter().all(|j| j.state == "CANCELLED"));
+}
+
+#[test]
+fn a_failed_submission_cancels_what_this_run_queued() {
+    let s = setup();
+    let Err((e, cancelled)) = try_go(&s, Script::new(), 2, None, Some(2)) else { panic!("sbatch refused") };
+    assert!(e.to_string().contains("invalid partition") && e.to_string().contains("s.sh"), "{e}");
+    assert_eq!(cancelled, ["100", "101"]);
+    let file = read_jobs(&s.store, "chain").unwrap();
+    assert!(!file.attached);
+    assert!(file.stages.values().flat_map(|s| &s.jobs).all(|j| j.state == "CANCELLED"));
 }
