@@ -595,6 +595,7 @@ fn dispatch(cli: Cli, registry: &Registry, cancel: Cancel) -> Result<u8> {
                     }
                     engine::exec::Outcome::Failed(e) => format!(": {e}"),
                     engine::exec::Outcome::Blocked(e) => format!(": {e}"),
+                    engine::exec::Outcome::Queued(jobs) => format!(": Slurm job {jobs}"),
                     _ => String::new(),
                 };
                 eprintln!("{:<13}{name}{detail}", outcome.as_str());

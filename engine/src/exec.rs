@@ -47,6 +47,8 @@ pub enum Outcome {
     Blocked(String),
     /// Not selected by `--only`.
     NotSelected,
+    /// Left to run as cluster jobs (these) when the coordinator detached.
+    Queued(String),
 }
 
 impl Outcome {
@@ -58,6 +60,7 @@ impl Outcome {
             Outcome::Cancelled => "cancelled",
             Outcome::Blocked(_) => "blocked",
             Outcome::NotSelected => "not-selected",
+            Outcome::Queued(_) => "queued",
         }
     }
     pub fn is_ok(&self) -> bool {

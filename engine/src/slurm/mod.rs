@@ -295,7 +295,8 @@ pub fn run(
             return Err(e);
         }
     };
-    let summary = c.summary(status == "cancelled");
+    // Interrupted, whether its jobs were cancelled or left running.
+    let summary = c.summary(c.opts.cancel.is_cancelled());
     c.save(status == "running", if status == "running" { "detached" } else { status });
     Ok(summary)
 }
@@ -824,10 +825,14 @@ impl Coordinator<'_> {
                 .stages
                 .iter()
                 .map(|s| {
-                    let o = outcomes
-                        .get(&s.name)
-                        .cloned()
-                        .unwrap_or(Outcome::Blocked("still queued in Slurm".into()));
+                    let o = outcomes.get(&s.name).cloned().unwrap_or_else(|| {
+                        let ids = self.task(&s.name).active_ids();
+                        if ids.is_empty() {
+                            Outcome::Blocked("not submitted".into())
+                        } else {
+                            Outcome::Queued(ids.join(","))
+                        }
+                    });
                     (s.name.clone(), o)
                 })
                 .collect(),
