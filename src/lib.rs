@@ -107,6 +107,9 @@ enum Command {
         /// Compute only this part of a split stage.
         #[arg(long)]
         part: Option<usize>,
+        /// Recompute even if published (`pipe run --force`; the coordinator cleared the work dir).
+        #[arg(long)]
+        force: bool,
     },
     /// What a run would do with each stage (skip, run, resume) and why.
     #[command(after_help = "Example:\n  pipe plan exp.toml --set stages.train.k=64 --json")]
@@ -609,11 +612,12 @@ fn dispatch(cli: Cli, registry: &Registry, cancel: Cancel) -> Result<u8> {
                 exit::FAILED
             })
         }
-        Command::ExecStage { file, stage, key, device, outcome, part } => {
+        Command::ExecStage { file, stage, key, device, outcome, part, force } => {
             check_devices(std::slice::from_ref(&device))?;
             let p = engine::config::load(&file, &[], registry)?;
             let store = open_store(&ds, true, Some(&p))?;
-            let plan = plan_of(&p, registry, &store, &[])?;
+            let forced = if force { vec![stage.clone()] } else { Vec::new() };
+            let plan = plan_of(&p, registry, &store, &forced)?;
             let Some(s) = plan.stage(&stage) else {
                 bail!("no stage `{stage}` in {}", file.display());
             };
@@ -626,7 +630,7 @@ fn dispatch(cli: Cli, registry: &Registry, cancel: Cancel) -> Result<u8> {
             }
             let mode = match part {
                 Some(i) => engine::exec::Mode::Part(i),
-                None => engine::exec::Mode::Whole,
+                None => engine::exec::Mode::Resume,
             };
             let done = engine::exec::execute_one(&p, registry, &store, &plan, &stage, device, cancel, mode)?;
             if let Some(path) = &outcome {

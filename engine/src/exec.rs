@@ -388,6 +388,9 @@ fn acquire(
 pub enum Mode {
     /// Compute and publish the stage (the parts of an earlier split first, if there is one).
     Whole,
+    /// As `Whole`, but a forced stage keeps its work dir: a cluster job's, whose coordinator
+    /// cleared it before queueing the jobs (it may hold their parts).
+    Resume,
     /// Split the stage into at most this many parts (see [`crate::Stage::split`]); publishes
     /// nothing.
     Split { max_parts: usize },
@@ -531,7 +534,7 @@ fn execute(
                 Err(e) => ended(s, e),
             }
         }
-        Mode::Whole | Mode::Part(_) => {
+        Mode::Whole | Mode::Resume | Mode::Part(_) => {
             tracing::info!(
                 "{} {} ({}) key {} on {}",
                 if work.resumed { "resuming" } else { "running" },

@@ -442,6 +442,12 @@ impl Coordinator<'_> {
         let res = self.resources(name);
         let splits = self.registry.get(&s.kind).is_some_and(|k| k.splits());
         let attempt = self.task(name).retries;
+        let forced = s.action == Action::Run && s.object.is_some();
+        if forced && attempt == 0 && self.task(name).jobs.is_empty() {
+            // `--force`: start from nothing once, here; the jobs then keep what they compute.
+            let lock = self.store.lock(&s.key)?;
+            self.store.discard_partial(&s.kind, &s.key, &lock)?;
+        }
         let mut parts: Vec<usize> = Vec::new();
         // A stage that splits is split here, on the coordinator's machine (for `cache`: reading
         // and tokenizing the dataset, no model), once its inputs are published, so that the
@@ -594,6 +600,9 @@ impl Coordinator<'_> {
         if parts {
             cmd.push_str(" --part \"${SLURM_ARRAY_TASK_ID}\"");
         }
+        if self.plan.stage(name).is_some_and(|s| s.action == Action::Run && s.object.is_some()) {
+            cmd.push_str(" --force");
+        }
         lines.push(format!("# stage `{name}` of pipeline `{}` ({})", self.p.name, self.p.file.display()));
         lines.push(cmd);
         let path = self.run_dir.join(format!("{name}{}.sh", if parts { ".parts" } else { "" }));
@@ -637,7 +646,10 @@ impl Coordinator<'_> {
     fn job_ended(&mut self, name: &str, job: &JobRec, state: &JobState) {
         let s = self.plan.stage(name).expect("planned");
         let outcome: Option<JobOutcome> = read_json(&job.outcome).ok().flatten();
-        let published = self.store.lookup(&s.kind, &s.key).ok().flatten();
+        // A forced stage's old object is there all along: only the job's word counts for it.
+        let forced = s.action == Action::Run && s.object.is_some();
+        let reported_ok = outcome.as_ref().is_some_and(|o| matches!(o.state.as_str(), "done" | "cached"));
+        let published = self.store.lookup(&s.kind, &s.key).ok().flatten().filter(|_| reported_ok || !forced);
         if let Some(obj) = published {
             crate::exec::link(self.store, self.p, name, &obj);
             let seconds = outcome.as_ref().and_then(|o| o.seconds);
