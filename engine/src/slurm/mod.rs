@@ -176,6 +176,17 @@ impl Task {
     fn active_ids(&self) -> Vec<String> {
         self.jobs.iter().filter(|j| JobState::parse(&j.state).is_active()).map(|j| j.id.clone()).collect()
     }
+    /// Marks the jobs still queued or running as cancelled (by us) and returns their ids, for
+    /// `scancel`.
+    fn drop_active(&mut self) -> Vec<String> {
+        let ids = self.active_ids();
+        for j in &mut self.jobs {
+            if JobState::parse(&j.state).is_active() {
+                j.state = "CANCELLED".into();
+            }
+        }
+        ids
+    }
 }
 
 /// Runs the plan's stages as Slurm jobs and waits for them (unless detached).
@@ -276,17 +287,12 @@ pub fn run(
         Err(e) => {
             // A submission failed halfway (the scheduler went away, a bad sbatch option): what was
             // queued by this run is cancelled rather than left to run unwatched.
-            let ids: Vec<String> = c.tasks.iter().flat_map(|t| t.active_ids()).collect();
+            let ids: Vec<String> = c.tasks.iter_mut().flat_map(Task::drop_active).collect();
             if !ids.is_empty() {
                 tracing::warn!("cancelling the job(s) already queued: {}", ids.join(","));
                 c.sched.cancel(&ids);
             }
             for t in &mut c.tasks {
-                for j in &mut t.jobs {
-                    if JobState::parse(&j.state).is_active() {
-                        j.state = "CANCELLED".into();
-                    }
-                }
                 if matches!(t.state, TaskState::Waiting | TaskState::Submitted) {
                     t.state = TaskState::Ended(Outcome::Cancelled);
                 }
@@ -696,11 +702,7 @@ impl Coordinator<'_> {
             let t = self.task_mut(name);
             t.retries += 1;
             t.state = TaskState::Waiting;
-            for j in &mut t.jobs {
-                if JobState::parse(&j.state).is_active() {
-                    j.state = "CANCELLED".into();
-                }
-            }
+            t.drop_active();
             return;
         }
         let why = match (state, retries) {
@@ -724,12 +726,7 @@ impl Coordinator<'_> {
             }
             let t = self.task_mut(&d);
             if t.state == TaskState::Submitted {
-                ids.extend(t.active_ids());
-                for j in &mut t.jobs {
-                    if JobState::parse(&j.state).is_active() {
-                        j.state = "CANCELLED".into();
-                    }
-                }
+                ids.extend(t.drop_active());
                 t.state = TaskState::Waiting;
             }
         }
@@ -756,12 +753,7 @@ impl Coordinator<'_> {
                 }
                 let t = self.task_mut(&d);
                 if matches!(t.state, TaskState::Waiting | TaskState::Submitted) {
-                    cancel.extend(t.active_ids());
-                    for j in &mut t.jobs {
-                        if JobState::parse(&j.state).is_active() {
-                            j.state = "CANCELLED".into();
-                        }
-                    }
+                    cancel.extend(t.drop_active());
                     t.state = TaskState::Ended(Outcome::Blocked(why.clone()));
                 }
             }
@@ -807,11 +799,7 @@ impl Coordinator<'_> {
         eprintln!("cancelling Slurm job(s) {}", ids.join(","));
         self.sched.cancel(&ids);
         for t in &mut self.tasks {
-            for j in &mut t.jobs {
-                if JobState::parse(&j.state).is_active() {
-                    j.state = "CANCELLED".into();
-                }
-            }
+            t.drop_active();
             if matches!(t.state, TaskState::Waiting | TaskState::Submitted) {
                 t.state = TaskState::Ended(Outcome::Cancelled);
             }
