@@ -279,7 +279,6 @@ pub fn run(
         seconds: BTreeMap::new(),
         started,
         record_path,
-        submitted_at: BTreeMap::new(),
     };
     c.save(true, "running");
     let status = match c.drive() {
@@ -336,7 +335,6 @@ struct Coordinator<'a> {
     seconds: BTreeMap<String, f64>,
     started: SystemTime,
     record_path: PathBuf,
-    submitted_at: BTreeMap<String, Instant>,
 }
 
 /// The resources of one stage's jobs.
@@ -546,7 +544,6 @@ impl Coordinator<'_> {
             outcome,
             log,
         });
-        self.submitted_at.insert(name.to_string(), Instant::now());
         let t = self.task_mut(name);
         t.jobs.extend(jobs);
         t.state = TaskState::Submitted;
