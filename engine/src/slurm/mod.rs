@@ -38,7 +38,7 @@ pub enum SlurmError {
     #[error("cannot submit {script}: {message} (is Slurm reachable from here: sbatch on PATH, SLURM_CONF?)")]
     Submit { script: PathBuf, message: String },
     #[error(
-        "another `pipe run --executor slurm` coordinates pipeline `{pipeline}`{holder}; wait for it, or stop it (its jobs stay queued, and this command reattaches to them)"
+        "another `pipe run --executor slurm` coordinates pipeline `{pipeline}`{holder}; wait for it, or stop it (Ctrl-C, answering `n` to leave its jobs queued) and run this again to reattach to them"
     )]
     Coordinated { pipeline: String, holder: String },
     #[error("{0}")]
