@@ -1119,3 +1119,34 @@ fn pathological_inputs() {
     let e = load("", &[&deep]).expect_err("invalid");
     assert!(e.to_string().contains("nested more than 32 levels"), "{e}");
 }
+
+#[test]
+fn executor_slurm_table() {
+    let base = "[pipeline]\nname = \"x\"\n[stages.a]\nkind = \"sink\"\n";
+    let p = ok(
+        &format!(
+            "{base}[executor.slurm]\npartition = \"gpu\"\nsbatch_args = [\"--qos=high\"]\n\
+             [executor.slurm.stages.a]\ntime = \"1:00:00\"\n"
+        ),
+        &[],
+    );
+    let s = &p.executor.slurm;
+    assert_eq!(s.partition.as_deref(), Some("gpu"));
+    assert_eq!(s.sbatch_args, ["--qos=high"]);
+    assert_eq!(s.stages["a"].time.as_deref(), Some("1:00:00"));
+    assert_eq!((s.max_retries, s.array_size, s.gpus_per_job), (2, 8, 1), "defaults");
+    // --set reaches it too, and none of it enters a key: a stage's params are untouched.
+    let q = ok(base, &["executor.slurm.partition=cpu"]);
+    assert_eq!(q.executor.slurm.partition.as_deref(), Some("cpu"));
+    assert_eq!(q.stages[0].params, ok(base, &[]).stages[0].params);
+
+    let e = check(&format!("{base}[executor.slurm]\npartitoin = \"gpu\"\n"), &[]);
+    assert!(e.contains("unknown key `partitoin` in `[executor.slurm]`"), "{e}");
+    assert!(e.contains("pipelines/x.toml:6:1"), "names the line: {e}");
+    let e = check(&format!("{base}[executor.slurm.stages.b]\ntime = \"1:00:00\"\n"), &[]);
+    assert!(e.contains("no stage `b` in this pipeline (stages: a)"), "{e}");
+    let e = check(&format!("{base}[executor.slurm]\narray_size = 0\n"), &[]);
+    assert!(e.contains("`array_size` must be at least 1"), "{e}");
+    let e = check(&format!("{base}[executor]\nlocal = true\n"), &[]);
+    assert!(e.contains("unknown key `local` in `[executor]`"), "{e}");
+}
