@@ -267,6 +267,11 @@ fn tiny_pipeline_on_slurm_equals_local_survives_kill_and_cancel_and_reattaches()
     let plot_job = st["slurm"]["stages"]["plot"]["jobs"][0]["id"].as_str().unwrap().to_string();
     let coord = env.cmd(&slurm_args(&["-v"])).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     std::thread::sleep(Duration::from_secs(2));
+    // While it watches the held jobs, a second coordinator of the pipeline is refused.
+    let second = env.run(&slurm_args(&[]));
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{err}");
+    assert!(err.contains("another `pipe run --executor slurm` coordinates pipeline `tiny`"), "{err}");
     let o = cluster.cmd("scontrol").arg("release").arg(ids.join(",")).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let out = coord.wait_with_output().unwrap();
