@@ -379,15 +379,8 @@ impl Models {
             StoreDtypeParam::F16 => StoreDtype::F16,
         };
         let (base_dir, chat_dir) = (&inputs.base_dir, &inputs.chat_dir);
-        tracing::info!(
-            "loading {} and {} ({dtype:?} on {})",
-            base_dir.display(),
-            chat_dir.display(),
-            ctx.device()
-        );
-        let load = |dir: &Path| Model::load(dir, dtype, &device).map_err(StageError::other);
-        let base = load(base_dir)?;
-        let chat = load(chat_dir)?;
+        let (base, chat) =
+            Model::load_pair(base_dir, chat_dir, dtype, &device, ctx.device()).map_err(StageError::other)?;
         let d = base.hidden_size();
         if chat.hidden_size() != d {
             return Err(StageError::failed(format!(

@@ -317,15 +317,8 @@ fn run(p: &EvalParams, ctx: &mut StageContext) -> Result<(), StageError> {
         _ => None,
     };
 
-    tracing::info!(
-        "loading {} and {} ({dtype:?} on {})",
-        base_dir.display(),
-        chat_dir.display(),
-        ctx.device()
-    );
-    let load = |dir: &Path| Model::load(dir, dtype, &device).map_err(StageError::other);
-    let base = load(&base_dir)?;
-    let chat = load(&chat_dir)?;
+    let (base, chat) =
+        Model::load_pair(&base_dir, &chat_dir, dtype, &device, ctx.device()).map_err(StageError::other)?;
     for (dir, m) in [(&base_dir, &base), (&chat_dir, &chat)] {
         if m.hidden_size() != cc.d {
             return Err(StageError::failed(format!(

@@ -55,6 +55,23 @@ pub enum Model {
 }
 
 impl Model {
+    /// Loads a base and a chat model (the pair every stage that runs models needs), logging what
+    /// is loaded where; `device_name` is the device as the run names it (`cpu`, `cuda:0`).
+    pub fn load_pair(
+        base_dir: &Path,
+        chat_dir: &Path,
+        dtype: DType,
+        device: &Device,
+        device_name: &str,
+    ) -> Result<(Model, Model), ModelError> {
+        tracing::info!(
+            "loading {} and {} ({dtype:?} on {device_name})",
+            base_dir.display(),
+            chat_dir.display()
+        );
+        Ok((Model::load(base_dir, dtype, device)?, Model::load(chat_dir, dtype, device)?))
+    }
+
     /// Loads the model in `dir` (a Hugging Face `save_pretrained` folder): `config.json` picks
     /// the family by `model_type`; the weights are `model.safetensors` or the shards listed in
     /// `model.safetensors.index.json`, converted to `dtype` on `device`.
