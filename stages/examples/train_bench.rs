@@ -107,6 +107,8 @@ fn run(dir: &Path, loss: &str, steps: u64, extra: &[String]) {
         out_dir: env_dirs.1,
         progress: Progress::detached("train"),
         cancelled: &never,
+        // TRAIN_BENCH_AUTOGRAD=1: candle's autograd instead of the CPU step (before/after comparisons).
+        autograd: std::env::var("TRAIN_BENCH_AUTOGRAD").is_ok_and(|v| v == "1"),
     };
 
     let stop = Arc::new(AtomicBool::new(false));

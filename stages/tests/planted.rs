@@ -86,6 +86,7 @@ fn batchtopk_recovers_planted_atoms_and_their_classes() {
         out_dir: out.clone(),
         progress: Progress::detached("train"),
         cancelled: &never,
+        autograd: false,
     };
     std::fs::create_dir_all(&env.work_dir).unwrap();
     train(&p, caches, Vec::new(), &env).unwrap();

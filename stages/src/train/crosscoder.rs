@@ -358,14 +358,13 @@ impl BatchTopK {
 
     /// The threshold EMA (DOMAIN.md §2b), from the training codes `f` of a step.
     pub fn update_threshold(&mut self, cc: &Crosscoder, f: &Tensor) -> Result<()> {
-        let scaled = f.detach().broadcast_mul(&cc.code_weights()?.detach())?;
-        // min over positive entries: replace non-positive by +inf.
-        let positive = scaled.gt(0.0)?;
-        let inf = Tensor::full(f32::INFINITY, scaled.shape(), scaled.device())?;
-        let m: f32 = positive.where_cond(&scaled, &inf)?.flatten_all()?.min(0)?.to_scalar()?;
-        let m = if m.is_finite() { m } else { 0.0 };
-        self.threshold = if self.threshold < 0.0 { m } else { 0.999 * self.threshold + 0.001 * m };
+        self.fold_threshold(min_positive_scaled(cc, f)?);
         Ok(())
+    }
+
+    /// The threshold EMA step with m, the batch's smallest positive f·c (0 if none).
+    pub fn fold_threshold(&mut self, m: f32) {
+        self.threshold = if self.threshold < 0.0 { m } else { 0.999 * self.threshold + 0.001 * m };
     }
 
     /// Inference encode: f = post where post·c > threshold.
@@ -374,6 +373,16 @@ impl BatchTopK {
         let scaled = post.broadcast_mul(&cc.code_weights()?)?;
         post * scaled.gt(self.threshold as f64)?.to_dtype(DType::F32)?
     }
+}
+
+/// The smallest positive entry of f·c over the batch (0 if none).
+pub fn min_positive_scaled(cc: &Crosscoder, f: &Tensor) -> Result<f32> {
+    let scaled = f.detach().broadcast_mul(&cc.code_weights()?.detach())?;
+    // min over positive entries: replace non-positive by +inf.
+    let positive = scaled.gt(0.0)?;
+    let inf = Tensor::full(f32::INFINITY, scaled.shape(), scaled.device())?;
+    let m: f32 = positive.where_cond(&scaled, &inf)?.flatten_all()?.min(0)?.to_scalar()?;
+    Ok(if m.is_finite() { m } else { 0.0 })
 }
 
 /// Optional activation normalisation (DOMAIN.md §3, dictionary_learning's NormalizableMixin):

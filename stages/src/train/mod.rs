@@ -1,7 +1,8 @@
 //! Crosscoder training (DOMAIN.md §2–§4): the model and its losses ([`crosscoder`]), Adam with
-//! torch semantics ([`adam`]), and the `train` stage ([`stage`]).
+//! torch semantics ([`adam`]), the CPU step with hand-written gradients ([`cpu`]), and the `train` stage ([`stage`]).
 
 pub mod adam;
+pub mod cpu;
 pub mod crosscoder;
 pub mod import;
 pub mod stage;

@@ -14,9 +14,10 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::adam::{Adam, clip_grad_norm};
+use super::cpu;
 use super::crosscoder::{
     BatchStats, BatchTopK, CodeNormalization, Crosscoder, Normalizer, batch_stats, geometric_median, l1_loss,
-    recon_l2, specific_latents,
+    min_positive_scaled, recon_l2, specific_latents,
 };
 use crate::cache::{ActivationCache, LocalShuffle, PairedDataset};
 
@@ -419,6 +420,7 @@ fn run(p: &TrainParams, ctx: &mut StageContext) -> Result<(), StageError> {
         out_dir: ctx.out_dir().to_owned(),
         progress: ctx.progress().clone(),
         cancelled: &cancelled,
+        autograd: false,
     };
     for (name, value) in train(p, train_caches, valid_caches, &env)? {
         ctx.record_metric(&name, value);
@@ -434,6 +436,80 @@ pub struct TrainEnv<'a> {
     pub out_dir: PathBuf,
     pub progress: engine::progress::Progress,
     pub cancelled: &'a dyn Fn() -> bool,
+    /// Compute the gradients with candle's autograd even where the CPU step ([`cpu`]) applies
+    /// (for comparisons; the stage never sets it).
+    pub autograd: bool,
+}
+
+/// One step's loss, its parts, the gradients (in [`Crosscoder::vars`] order) and what the
+/// metrics need, from either path.
+struct StepOut {
+    loss: f32,
+    l2: f32,
+    sparsity: Option<f32>,
+    auxk: Option<f32>,
+    grads: Vec<Tensor>,
+    x_hat: Tensor,
+    codes: StepCodes,
+}
+
+/// The training codes f (B, F) of a step.
+enum StepCodes {
+    Tensor(Tensor),
+    /// With, for BatchTopK, the smallest positive f·c.
+    Cpu(cpu::Codes, Option<f32>),
+}
+
+/// The step through candle's autograd (any device, any matmul dtype).
+fn step_autograd(
+    cc: &Crosscoder,
+    topk: Option<&mut BatchTopK>,
+    x: &Tensor,
+    mu: f64,
+) -> candle_core::Result<StepOut> {
+    let out = match topk {
+        Some(t) => t.loss(cc, x),
+        None => l1_loss(cc, x, mu),
+    }?;
+    let grads = out.loss.backward()?;
+    let grads = cc
+        .vars()
+        .iter()
+        .map(|v| grads.get(v.as_tensor()).cloned().map_or_else(|| v.as_tensor().zeros_like(), Ok))
+        .collect::<candle_core::Result<_>>()?;
+    let scalar = |t: &Option<Tensor>| t.as_ref().map(|t| t.to_scalar::<f32>()).transpose();
+    Ok(StepOut {
+        loss: out.loss.to_scalar()?,
+        l2: out.l2.to_scalar()?,
+        sparsity: scalar(&out.sparsity)?,
+        auxk: scalar(&out.auxk)?,
+        grads,
+        x_hat: out.x_hat,
+        codes: StepCodes::Tensor(out.f),
+    })
+}
+
+/// The step with hand-written gradients on the CPU ([`cpu`]).
+fn step_cpu(
+    cc: &Crosscoder,
+    topk: Option<&mut BatchTopK>,
+    x: &[f32],
+    b: usize,
+    mu: f64,
+) -> candle_core::Result<StepOut> {
+    let out = match topk {
+        Some(t) => cpu::batchtopk(t, cc, x, b),
+        None => cpu::l1(cc, x, b, mu),
+    }?;
+    Ok(StepOut {
+        loss: out.loss,
+        l2: out.l2,
+        sparsity: out.sparsity,
+        auxk: out.auxk,
+        grads: cpu::grad_tensors(cc, out.grads)?,
+        x_hat: Tensor::from_vec(out.x_hat, (b, 2, cc.d), &Device::Cpu)?,
+        codes: StepCodes::Cpu(out.codes, out.min_scaled),
+    })
 }
 
 /// Trains a crosscoder on `train_caches` (interleaved in order), validating on `valid_caches`;
@@ -540,6 +616,7 @@ pub fn train(
     let width = 2 * d;
     let mut host = vec![0f32; p.batch_size * width];
     let params = cc.vars();
+    let on_cpu = !env.autograd && cpu::applies(&cc);
     let mut last_train: Option<serde_json::Value> = None;
     while step < steps {
         if (env.cancelled)() {
@@ -566,47 +643,51 @@ pub fn train(
             let median = geometric_median(&host, p.batch_size, d);
             cc.b_dec.set(&Tensor::from_vec(median, (2, d), &device).map_err(candle)?).map_err(candle)?;
         }
-        let out = match topk.as_mut() {
-            Some(t) => t.loss(&cc, &x),
-            None => l1_loss(&cc, &x, p.mu),
+        let out = if on_cpu {
+            step_cpu(&cc, topk.as_mut(), &host, p.batch_size, p.mu)
+        } else {
+            step_autograd(&cc, topk.as_mut(), &x, p.mu)
         }
         .map_err(candle)?;
-        let loss_value: f32 = out.loss.to_scalar().map_err(candle)?;
+        let loss_value = out.loss;
         if !loss_value.is_finite() {
             return Err(StageError::failed(format!(
                 "the loss became {loss_value} at step {step}; lower lr (now {}) or check the caches",
                 p.lr
             )));
         }
-        let grads = out.loss.backward().map_err(candle)?;
-        let mut g: Vec<Tensor> = params
-            .iter()
-            .map(|v| grads.get(v.as_tensor()).cloned().map_or_else(|| v.as_tensor().zeros_like(), Ok))
-            .collect::<candle_core::Result<_>>()
-            .map_err(candle)?;
+        let mut g = out.grads;
         if clip > 0.0 {
             clip_grad_norm(&mut g, clip).map_err(candle)?;
         }
         if let Some(t) = topk.as_mut()
             && step > p.threshold_start_step
         {
-            t.update_threshold(&cc, &out.f).map_err(candle)?;
+            let m = match &out.codes {
+                StepCodes::Tensor(f) => min_positive_scaled(&cc, f).map_err(candle)?,
+                StepCodes::Cpu(_, m) => m.unwrap_or(0.0),
+            };
+            t.fold_threshold(m);
         }
         let lr =
             p.lr * if p.warmup_steps == 0 { 1.0 } else { (step as f64 / p.warmup_steps as f64).min(1.0) };
         if step % p.log_every == 0 || step + 1 == steps {
-            let (stats, _) = batch_stats(&cc, &x, &out.x_hat, &out.f).map_err(candle)?;
-            let scalar = |t: &Option<Tensor>| -> Result<Option<f64>, StageError> {
-                t.as_ref().map(|t| t.to_scalar::<f32>().map(f64::from)).transpose().map_err(candle)
+            let codes = match &out.codes {
+                StepCodes::Tensor(f) => f.clone(),
+                StepCodes::Cpu(c, _) => {
+                    Tensor::from_vec(c.to_dense(p.batch_size, f), (p.batch_size, f), &device)
+                        .map_err(candle)?
+                }
             };
+            let (stats, _) = batch_stats(&cc, &x, &out.x_hat, &codes).map_err(candle)?;
             let [specific_base, specific_chat] = specific_latents(&cc).map_err(candle)?;
             let record = Record {
                 step,
                 split: "train",
                 loss: loss_value as f64,
-                l2: out.l2.to_scalar::<f32>().map_err(candle)? as f64,
-                sparsity: scalar(&out.sparsity)?,
-                auxk: scalar(&out.auxk)?,
+                l2: out.l2 as f64,
+                sparsity: out.sparsity.map(f64::from),
+                auxk: out.auxk.map(f64::from),
                 stats,
                 threshold: topk.as_ref().map(|t| t.threshold),
                 specific_base,
