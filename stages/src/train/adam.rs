@@ -8,6 +8,8 @@
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rayon::prelude::*;
 
+use super::cpu::{host, with_host_mut};
+
 pub struct Adam {
     pub beta1: f64,
     pub beta2: f64,
@@ -60,39 +62,46 @@ impl Adam {
     /// parameter on the CPU (about a dozen full-size temporaries fewer per parameter and step).
     /// Every operation is the one candle's ops perform, in the same order and precision (a
     /// scalar `* c` is `x · c + 0`, `/ c` is `x · (1/c) + 0`, `+ c` is `x · 1 + c`, with `c`
-    /// rounded to f32), so the result is bit-identical. Returns false (nothing done) elsewhere.
+    /// rounded to f32), so the result is bit-identical. Parameter and moments are updated in place,
+    /// without copies. Returns false (nothing done) elsewhere.
     fn step_fused_cpu(&mut self, i: usize, p: &Var, g: &Tensor, lr: f64, bc1: f64, bc2: f64) -> Result<bool> {
         let all_f32 = [p.as_tensor(), g, &self.m[i], &self.v[i]].iter().all(|t| t.dtype() == DType::F32);
         if !matches!(p.device(), Device::Cpu) || !all_f32 {
             return Ok(false);
         }
-        let shape = p.shape().clone();
-        let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
-        let (mut pv, gv, mut mv, mut vv) =
-            (flat(p.as_tensor())?, flat(g)?, flat(&self.m[i])?, flat(&self.v[i])?);
         let c = |x: f64| x as f32;
         let (b1, nb1, b2, nb2) = (c(self.beta1), c(1.0 - self.beta1), c(self.beta2), c(1.0 - self.beta2));
         let (inv_sqrt_bc2, eps, step) = (c(1.0 / bc2.sqrt()), c(self.eps), c(lr / bc1));
-        const CHUNK: usize = 1 << 14;
-        pv.par_chunks_mut(CHUNK)
-            .zip(mv.par_chunks_mut(CHUNK))
-            .zip(vv.par_chunks_mut(CHUNK))
-            .zip(gv.par_chunks(CHUNK))
-            .for_each(|(((p, m), v), g)| {
-                for j in 0..p.len() {
-                    let gj = g[j];
-                    let mj = (m[j] * b1 + 0.0) + (gj * nb1 + 0.0);
-                    let vj = (v[j] * b2 + 0.0) + ((gj * gj) * nb2 + 0.0);
-                    let denom = (vj.sqrt() * inv_sqrt_bc2 + 0.0) * 1.0 + eps;
-                    let update = (mj / denom) * step + 0.0;
-                    p[j] -= update;
-                    m[j] = mj;
-                    v[j] = vj;
-                }
-            });
-        p.set(&Tensor::from_vec(pv, shape.clone(), &Device::Cpu)?)?;
-        self.m[i] = Tensor::from_vec(mv, shape.clone(), &Device::Cpu)?;
-        self.v[i] = Tensor::from_vec(vv, shape, &Device::Cpu)?;
+        let (gs, gl) = g.storage_and_layout();
+        let gv = host(&gs, gl, "gradient")?;
+        // In place: the parameter and both moments are each written through their storage.
+        with_host_mut(p.as_tensor(), |pv| {
+            with_host_mut(&self.m[i], |mv| {
+                with_host_mut(&self.v[i], |vv| {
+                    if pv.len() != gv.len() || mv.len() != gv.len() || vv.len() != gv.len() {
+                        candle_core::bail!("adam: parameter {i} and its gradient or moments differ in size");
+                    }
+                    const CHUNK: usize = 1 << 14;
+                    pv.par_chunks_mut(CHUNK)
+                        .zip(mv.par_chunks_mut(CHUNK))
+                        .zip(vv.par_chunks_mut(CHUNK))
+                        .zip(gv.par_chunks(CHUNK))
+                        .for_each(|(((p, m), v), g)| {
+                            for j in 0..p.len() {
+                                let gj = g[j];
+                                let mj = (m[j] * b1 + 0.0) + (gj * nb1 + 0.0);
+                                let vj = (v[j] * b2 + 0.0) + ((gj * gj) * nb2 + 0.0);
+                                let denom = (vj.sqrt() * inv_sqrt_bc2 + 0.0) * 1.0 + eps;
+                                let update = (mj / denom) * step + 0.0;
+                                p[j] -= update;
+                                m[j] = mj;
+                                v[j] = vj;
+                            }
+                        });
+                    Ok(())
+                })
+            })
+        })?;
         Ok(true)
     }
 }

@@ -171,11 +171,51 @@ fn matmul(dst: &mut [f32], dst_rs: usize, accumulate: bool, lhs: Mat, rhs: Mat) 
 }
 
 /// The contiguous f32 data of a CPU tensor's storage.
-fn host<'a>(storage: &'a Storage, layout: &Layout, name: &str) -> Result<&'a [f32]> {
+pub(crate) fn host<'a>(storage: &'a Storage, layout: &Layout, name: &str) -> Result<&'a [f32]> {
     match (storage, layout.contiguous_offsets()) {
         (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok(&v[a..b]),
         _ => candle_core::bail!("the CPU training step needs `{name}` as a contiguous f32 CPU tensor"),
     }
+}
+
+/// Runs `body` on the contiguous f32 data of a CPU tensor, writable in place (through candle's
+/// in-place op, which holds the storage's write lock meanwhile).
+pub(crate) fn with_host_mut(t: &Tensor, body: impl FnOnce(&mut [f32]) -> Result<()>) -> Result<()> {
+    struct Op<F>(std::cell::RefCell<Option<F>>);
+    impl<F: FnOnce(&mut [f32]) -> Result<()>> candle_core::InplaceOp1 for Op<F> {
+        fn name(&self) -> &'static str {
+            "pipe-host-mut"
+        }
+        fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+            let (CpuStorage::F32(v), Some((a, b))) = (storage, layout.contiguous_offsets()) else {
+                candle_core::bail!("an in-place CPU update needs a contiguous f32 tensor");
+            };
+            let body = self.0.borrow_mut().take().expect("called once");
+            body(&mut v[a..b])
+        }
+    }
+    t.inplace_op1(&Op(std::cell::RefCell::new(Some(body))))
+}
+
+/// Scales the gradients so their global L2 norm is at most `max_norm`, as
+/// [`super::adam::clip_grad_norm`] does (coefficient max_norm / (norm + 1e-6), applied when
+/// below 1; the squares summed in f64). Returns the norm before clipping.
+pub fn clip_grad_norm(grads: &mut [Vec<f32>], max_norm: f64) -> f64 {
+    let total: f64 = grads
+        .iter()
+        .map(|g| {
+            g.par_chunks(1 << 14)
+                .map(|c| c.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>())
+                .sum::<f64>()
+        })
+        .sum();
+    let norm = total.sqrt();
+    let coef = max_norm / (norm + 1e-6);
+    if coef < 1.0 {
+        let coef = coef as f32;
+        grads.iter_mut().for_each(|g| g.par_iter_mut().for_each(|v| *v *= coef));
+    }
+    norm
 }
 
 /// The crosscoder's weights, borrowed: `we` (2d, F), `be` (F), `wd` (2, F, d), `bd` (2d).

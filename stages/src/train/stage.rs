@@ -489,18 +489,23 @@ fn step_autograd(
     })
 }
 
-/// The step with hand-written gradients on the CPU ([`cpu`]).
+/// The step with hand-written gradients on the CPU ([`cpu`]), the gradients clipped to a global
+/// norm of `clip` (when positive).
 fn step_cpu(
     cc: &Crosscoder,
     topk: Option<&mut BatchTopK>,
     x: &[f32],
     b: usize,
     mu: f64,
+    clip: f64,
 ) -> candle_core::Result<StepOut> {
-    let out = match topk {
+    let mut out = match topk {
         Some(t) => cpu::batchtopk(t, cc, x, b),
         None => cpu::l1(cc, x, b, mu),
     }?;
+    if clip > 0.0 {
+        cpu::clip_grad_norm(&mut out.grads, clip);
+    }
     Ok(StepOut {
         loss: out.loss,
         l2: out.l2,
@@ -644,7 +649,7 @@ pub fn train(
             cc.b_dec.set(&Tensor::from_vec(median, (2, d), &device).map_err(candle)?).map_err(candle)?;
         }
         let out = if on_cpu {
-            step_cpu(&cc, topk.as_mut(), &host, p.batch_size, p.mu)
+            step_cpu(&cc, topk.as_mut(), &host, p.batch_size, p.mu, clip)
         } else {
             step_autograd(&cc, topk.as_mut(), &x, p.mu)
         }
@@ -657,7 +662,7 @@ pub fn train(
             )));
         }
         let mut g = out.grads;
-        if clip > 0.0 {
+        if clip > 0.0 && !on_cpu {
             clip_grad_norm(&mut g, clip).map_err(candle)?;
         }
         if let Some(t) = topk.as_mut()
