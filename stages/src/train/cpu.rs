@@ -276,123 +276,123 @@ fn code_weights(norm: CodeNormalization, sq: &[f32], f: usize) -> Vec<f32> {
         .collect()
 }
 
-/// Rows per parallel chunk of a (B, F) pass.
-const ROWS: usize = 16;
+/// Row chunks for a parallel pass over a (B, F) buffer: a few per thread, so per-chunk scratch
+/// (the selection's histograms) stays small in number.
+fn row_chunk(rows: usize) -> usize {
+    rows.div_ceil(4 * rayon::current_num_threads()).max(1)
+}
 
 /// The bit pattern that orders non-negative floats like their values (NaN and ≤ 0 as 0).
 fn key(v: f32) -> u32 {
     if v > 0.0 { v.to_bits() } else { 0 }
 }
 
-/// The k-th largest of s = post·c over the whole (B, F) batch, k ≥ 1 and fewer than k·… entries
-/// positive not allowed (the caller checks at least k are positive): a radix select, one histogram
-/// pass over the upper 16 bits of the bit patterns and one over the lower 16 within the bin found.
-fn kth_scaled(post: &[f32], c: &[f32], k: u64) -> f32 {
-    let f = c.len();
-    let histogram = |high: Option<u32>| -> Vec<u64> {
-        post.par_chunks(f * ROWS)
-            .map(|chunk| {
-                let mut h = vec![0u32; 1 << 16];
-                for row in chunk.chunks(f) {
-                    for (p, cj) in row.iter().zip(c) {
-                        let bits = key(p * cj);
-                        match high {
-                            None => h[(bits >> 16) as usize] += 1,
-                            Some(hi) if bits >> 16 == hi => h[(bits & 0xffff) as usize] += 1,
-                            Some(_) => {}
-                        }
-                    }
-                }
-                h
-            })
-            .fold(
-                || vec![0u64; 1 << 16],
-                |mut acc, h| {
-                    acc.iter_mut().zip(h).for_each(|(a, h)| *a += h as u64);
-                    acc
-                },
-            )
-            .reduce(
-                || vec![0u64; 1 << 16],
-                |mut a, b| {
-                    a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
-                    a
-                },
-            )
-    };
-    // The bin (from the top) in which the running count reaches `k`, and the count above it.
-    let find = |h: &[u64], k: u64| -> (u32, u64) {
-        let mut above = 0u64;
-        for bin in (0..h.len()).rev() {
-            if above + h[bin] >= k {
-                return (bin as u32, above);
-            }
-            above += h[bin];
+/// Sums per-chunk histograms of 2¹⁶ bins (integer counts: the order does not matter).
+fn merge(hists: Vec<Vec<u32>>) -> Vec<u64> {
+    let mut total = vec![0u64; 1 << 16];
+    for h in hists {
+        total.iter_mut().zip(h).for_each(|(t, h)| *t += u64::from(h));
+    }
+    total
+}
+
+/// The bin (from the top) in which the running count of `h` reaches `k`, and the count above it.
+fn find_bin(h: &[u64], k: u64) -> (u32, u64) {
+    let mut above = 0u64;
+    for bin in (0..h.len()).rev() {
+        if above + h[bin] >= k {
+            return (bin as u32, above);
         }
-        (0, above)
-    };
-    let (hi, above) = find(&histogram(None), k);
-    let (lo, _) = find(&histogram(Some(hi)), k - above);
-    f32::from_bits((hi << 16) | lo)
+        above += h[bin];
+    }
+    (0, above)
 }
 
 /// The `k` largest positive entries of s = post·c over the whole batch (ties at the k-th value to
 /// the lowest row-major indices), as CSR of their unscaled values; and the smallest kept s.
+///
+/// The k-th value comes from a radix select over the bit patterns of s (which order like the
+/// values, s ≥ 0): one pass builds the keys and a histogram of their upper 16 bits, a second
+/// histograms the lower 16 bits within the bin that holds the k-th; then each row keeps its
+/// entries above it, and the entries equal to it go to the lowest rows first.
 fn select_batch(post: &[f32], c: &[f32], b: usize, k: u64) -> (Sparse, f32) {
     let f = c.len();
-    let positive: u64 = post
-        .par_chunks(f)
-        .map(|row| row.iter().zip(c).filter(|(p, cj)| key(**p * **cj) > 0).count() as u64)
-        .sum();
-    // Keep s > t, plus `quota[r]` entries equal to t in row r.
-    let (t, quota) = if positive <= k {
-        (0.0, vec![0u64; b])
-    } else {
-        let t = kth_scaled(post, c, k);
-        let counts: Vec<(u64, u64)> = post
-            .par_chunks(f)
-            .map(|row| {
-                row.iter().zip(c).fold((0, 0), |(gt, eq), (p, cj)| {
-                    let s = p * cj;
-                    (gt + u64::from(s > t), eq + u64::from(s == t))
-                })
-            })
-            .collect();
-        let mut left = k - counts.iter().map(|c| c.0).sum::<u64>();
-        let quota = counts
-            .iter()
-            .map(|(_, eq)| {
-                let q = left.min(*eq);
-                left -= q;
-                q
-            })
-            .collect();
-        (t, quota)
-    };
-    let rows: Vec<(Vec<(u32, f32)>, f32)> = post
-        .par_chunks(f)
-        .zip(quota)
-        .map(|(row, mut q)| {
-            let mut kept = Vec::new();
-            let mut min = f32::INFINITY;
-            for (j, (p, cj)) in row.iter().zip(c).enumerate() {
-                let s = p * cj;
-                let take = key(s) > 0
-                    && (s > t
-                        || (s == t && q > 0 && {
-                            q -= 1;
-                            true
-                        }));
-                if take {
-                    kept.push((j as u32, *p));
-                    min = min.min(s);
+    let chunk = row_chunk(b) * f;
+    let mut keys = vec![0u32; post.len()];
+    let high: Vec<Vec<u32>> = keys
+        .par_chunks_mut(chunk)
+        .zip(post.par_chunks(chunk))
+        .map(|(keys, post)| {
+            let mut h = vec![0u32; 1 << 16];
+            for (krow, prow) in keys.chunks_mut(f).zip(post.chunks(f)) {
+                for ((key_out, p), cj) in krow.iter_mut().zip(prow).zip(c) {
+                    let bits = key(p * cj);
+                    *key_out = bits;
+                    h[(bits >> 16) as usize] += 1;
                 }
             }
-            (kept, min)
+            h
         })
         .collect();
-    let min = rows.iter().map(|r| r.1).fold(f32::INFINITY, f32::min);
-    (Sparse::from_rows(rows.into_iter().map(|r| r.0).collect()), if min.is_finite() { min } else { 0.0 })
+    let high = merge(high);
+    let positive = post.len() as u64 - high[0];
+    // Keep keys above `t`; the entries equal to `t` up to the quota (none when t = 0).
+    let t = if positive <= k {
+        0
+    } else {
+        let (hi, above) = find_bin(&high, k);
+        let low: Vec<Vec<u32>> = keys
+            .par_chunks(chunk)
+            .map(|keys| {
+                let mut h = vec![0u32; 1 << 16];
+                keys.iter().filter(|v| *v >> 16 == hi).for_each(|v| h[(v & 0xffff) as usize] += 1);
+                h
+            })
+            .collect();
+        let (lo, _) = find_bin(&merge(low), k - above);
+        (hi << 16) | lo
+    };
+    // Per row: the entries above t, and the columns equal to t (rarely more than a few).
+    let rows: Vec<(Vec<(u32, f32)>, Vec<u32>)> = keys
+        .par_chunks(f)
+        .zip(post.par_chunks(f))
+        .map(|(krow, prow)| {
+            let (mut above, mut tied) = (Vec::new(), Vec::new());
+            for (j, (kv, p)) in krow.iter().zip(prow).enumerate() {
+                if *kv > t {
+                    above.push((j as u32, *p));
+                } else if *kv == t && t > 0 {
+                    tied.push(j as u32);
+                }
+            }
+            (above, tied)
+        })
+        .collect();
+    let mut quota = k.saturating_sub(rows.iter().map(|r| r.0.len() as u64).sum());
+    let mut min = u32::MAX;
+    let kept: Vec<Vec<(u32, f32)>> = rows
+        .into_iter()
+        .enumerate()
+        .map(|(r, (above, tied))| {
+            let take = (tied.len() as u64).min(quota) as usize;
+            quota -= take as u64;
+            if let Some(m) = above.iter().map(|(j, _)| keys[r * f + *j as usize]).min() {
+                min = min.min(m);
+            }
+            if take == 0 {
+                return above;
+            }
+            min = min.min(t);
+            let mut row: Vec<(u32, f32)> = above
+                .into_iter()
+                .chain(tied[..take].iter().map(|j| (*j, post[r * f + *j as usize])))
+                .collect();
+            row.sort_unstable_by_key(|e| e.0);
+            row
+        })
+        .collect();
+    let min = if min == u32::MAX { 0.0 } else { f32::from_bits(min) };
+    (Sparse::from_rows(kept), min)
 }
 
 /// Per row, the `k` largest positive s = post·c among the `dead` latents (ties to the lowest
@@ -485,72 +485,91 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(a, b)| a * b).sum()
 }
 
-/// ∂L/∂W_dec (2, F, d) += Σ over each (codes, U) pair of f_bjᵀ U_b, by latent over the kept entries.
-fn decoder_grad(pairs: &[(&Sparse, &[f32])], w: &Weights, out: &mut [f32]) {
-    let (d, f, width) = (w.d, w.f, 2 * w.d);
-    // Column-major (by latent) lists of (pair, row, value), in pair then row order.
-    let mut count = vec![0usize; f + 1];
-    for (codes, _) in pairs {
-        codes.cols.iter().for_each(|j| count[*j as usize + 1] += 1);
-    }
-    for j in 0..f {
-        count[j + 1] += count[j];
-    }
-    let mut fill = count.clone();
-    let mut entries = vec![(0u8, 0u32, 0f32); count[f]];
-    for (p, (codes, _)) in pairs.iter().enumerate() {
-        for r in 0..codes.rows() {
-            for e in codes.offsets[r]..codes.offsets[r + 1] {
-                let j = codes.cols[e] as usize;
-                entries[fill[j]] = (p as u8, r as u32, codes.vals[e]);
-                fill[j] += 1;
-            }
-        }
-    }
-    let (base, chat) = out.split_at_mut(f * d);
-    base.par_chunks_mut(d).zip(chat.par_chunks_mut(d)).enumerate().for_each(|(j, (o0, o1))| {
-        for &(p, r, v) in &entries[count[j]..count[j + 1]] {
-            let ur = &pairs[p as usize].1[r as usize * width..][..width];
-            o0.iter_mut().zip(&ur[..d]).for_each(|(o, u)| *o += v * u);
-            o1.iter_mut().zip(&ur[d..]).for_each(|(o, u)| *o += v * u);
-        }
-    });
+/// The kept entries of several code matrices grouped by latent (CSC), in matrix then row order:
+/// `(matrix, row, entry index)` for latent j at `entries[start[j]..start[j + 1]]`.
+struct ByLatent {
+    start: Vec<usize>,
+    entries: Vec<(u8, u32, u32)>,
 }
 
-/// ∂L/∂W_enc (2d, F) += xᵀ · ∂L/∂pre and ∂L/∂b_enc (F) += Σ_b ∂L/∂pre, over the kept entries of
-/// each (codes, ∂L/∂pre at them) pair.
-fn encoder_grad(
-    x: &[f32],
-    b: usize,
-    pairs: &[(&Sparse, &[f32])],
-    w: &Weights,
-    dwe: &mut [f32],
-    dbe: &mut [f32],
-) {
-    let (width, f) = (2 * w.d, w.f);
-    // xᵀ (2d, B), so each output row reads one contiguous row of it.
-    let mut xt = vec![0f32; width * b];
-    xt.par_chunks_mut(b).enumerate().for_each(|(i, row)| {
-        row.iter_mut().enumerate().for_each(|(r, v)| *v = x[r * width + i]);
-    });
-    const BLOCK: usize = 8;
-    dwe.par_chunks_mut(f * BLOCK).enumerate().for_each(|(blk, out)| {
-        let n = out.len() / f;
-        let xs: Vec<&[f32]> = (0..n).map(|i| &xt[(blk * BLOCK + i) * b..][..b]).collect();
-        for (codes, g) in pairs {
-            for r in 0..codes.rows() {
-                for e in codes.offsets[r]..codes.offsets[r + 1] {
-                    let (j, gv) = (codes.cols[e] as usize, g[e]);
-                    for (i, xi) in xs.iter().enumerate() {
-                        out[i * f + j] += xi[r] * gv;
-                    }
+impl ByLatent {
+    fn new(codes: &[&Sparse], f: usize) -> ByLatent {
+        let mut start = vec![0usize; f + 1];
+        for c in codes {
+            c.cols.iter().for_each(|j| start[*j as usize + 1] += 1);
+        }
+        for j in 0..f {
+            start[j + 1] += start[j];
+        }
+        let mut fill = start.clone();
+        let mut entries = vec![(0u8, 0u32, 0u32); start[f]];
+        for (m, c) in codes.iter().enumerate() {
+            for r in 0..c.rows() {
+                for e in c.offsets[r]..c.offsets[r + 1] {
+                    let j = c.cols[e] as usize;
+                    entries[fill[j]] = (m as u8, r as u32, e as u32);
+                    fill[j] += 1;
                 }
             }
         }
-    });
-    for (codes, g) in pairs {
-        codes.cols.iter().zip(g.iter()).for_each(|(j, g)| dbe[*j as usize] += g);
+        ByLatent { start, entries }
     }
+}
+
+/// The sparse backward by latent j over the kept entries (b, j) of each code matrix m:
+/// ∂L/∂d_j^l += f_bj · U_m[b, l] (U_m = ∂L/∂(decoder output) of matrix m) into `dwd` (2, F, d);
+/// ∂L/∂W_enc[:, j] += g_bj · x_b (g_m = ∂L/∂pre at the entries) and ∂L/∂b_enc[j] += g_bj.
+/// The encoder's columns are built as rows of its transpose (contiguous), then transposed.
+#[allow(clippy::too_many_arguments)]
+fn sparse_backward(
+    codes: &[&Sparse],
+    upstream: &[&[f32]],
+    dpre: &[&[f32]],
+    x: &[f32],
+    w: &Weights,
+    dwd: &mut [f32],
+    dwe: &mut [f32],
+    dbe: &mut [f32],
+) {
+    let (d, f, width) = (w.d, w.f, 2 * w.d);
+    let by = ByLatent::new(codes, f);
+    let mut dwe_t = vec![0f32; f * width];
+    let (base, chat) = dwd.split_at_mut(f * d);
+    base.par_chunks_mut(d)
+        .zip(chat.par_chunks_mut(d))
+        .zip(dwe_t.par_chunks_mut(width))
+        .zip(dbe.par_iter_mut())
+        .enumerate()
+        .for_each(|(j, (((o0, o1), oe), ob))| {
+            for &(m, r, e) in &by.entries[by.start[j]..by.start[j + 1]] {
+                let (m, r, e) = (m as usize, r as usize, e as usize);
+                let v = codes[m].vals[e];
+                let ur = &upstream[m][r * width..][..width];
+                o0.iter_mut().zip(&ur[..d]).for_each(|(o, u)| *o += v * u);
+                o1.iter_mut().zip(&ur[d..]).for_each(|(o, u)| *o += v * u);
+                let g = dpre[m][e];
+                oe.iter_mut().zip(&x[r * width..][..width]).for_each(|(o, x)| *o += g * x);
+                *ob += g;
+            }
+        });
+    transpose(&dwe_t, f, width, dwe);
+}
+
+/// `out` (cols, rows) = `a` (rows, cols)ᵀ, by tiles.
+fn transpose(a: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
+    const TILE: usize = 32;
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    // Each task writes TILE rows of `out` (TILE columns of `a`), reading `a` TILE floats at a time.
+    out.par_chunks_mut(rows * TILE).enumerate().for_each(|(blk, o)| {
+        let (i0, n) = (blk * TILE, o.len() / rows);
+        for r in 0..rows {
+            for (i, v) in a[r * cols + i0..][..n].iter().enumerate() {
+                o[i * rows + r] = *v;
+            }
+        }
+    });
 }
 
 /// Σ_b of a (B, W) buffer by column: (W), in row order.
@@ -612,17 +631,17 @@ pub fn batchtopk(t: &mut BatchTopK, cc: &Crosscoder, x: &[f32], b: usize) -> Res
         // Backward over the kept entries (the relu passes them: each has post > 0).
         let dcodes = code_grads(&codes, &g, w);
         let daux = aux.as_ref().map(|(a, ga)| code_grads(a, ga, w));
-        let mut coded: Vec<(&Sparse, &[f32])> = vec![(&codes, &g)];
-        let mut pre: Vec<(&Sparse, &[f32])> = vec![(&codes, &dcodes)];
+        let (mut mats, mut ups, mut dpre): (Vec<&Sparse>, Vec<&[f32]>, Vec<&[f32]>) =
+            (vec![&codes], vec![&g], vec![&dcodes]);
         if let (Some((a, ga)), Some(da)) = (&aux, &daux) {
-            coded.push((a, ga));
-            pre.push((a, da));
+            mats.push(a);
+            ups.push(ga);
+            dpre.push(da);
         }
         let mut dwd = vec![0f32; 2 * f * d];
-        decoder_grad(&coded, w, &mut dwd);
         let mut dwe = vec![0f32; width * f];
         let mut dbe = vec![0f32; f];
-        encoder_grad(x, b, &pre, w, &mut dwe, &mut dbe);
+        sparse_backward(&mats, &ups, &dpre, x, w, &mut dwd, &mut dwe, &mut dbe);
         let dbd = column_sums(&g, width);
         let nan = post.par_iter().any(|v| v.is_nan());
         Ok(CpuStep {
@@ -861,7 +880,9 @@ mod tests {
         let mut s: Vec<f32> = post.chunks(50).flat_map(|r| r.iter().zip(&c).map(|(p, c)| p * c)).collect();
         s.sort_by(|a, b| b.total_cmp(a));
         for k in [1u64, 2, 100, 500, 1000] {
-            assert_eq!(kth_scaled(&post, &c, k), s[k as usize - 1], "k = {k}");
+            let (sel, min) = select_batch(&post, &c, 37, k);
+            assert_eq!(sel.cols.len() as u64, k);
+            assert_eq!(min, s[k as usize - 1], "k = {k}");
         }
     }
 }
