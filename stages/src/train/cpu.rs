@@ -197,6 +197,12 @@ pub(crate) fn with_host_mut(t: &Tensor, body: impl FnOnce(&mut [f32]) -> Result<
     t.inplace_op1(&Op(std::cell::RefCell::new(Some(body))))
 }
 
+/// The sum of per-chunk partial sums in chunk order: rayon's own `sum` combines partials in an
+/// order that depends on work stealing, which would make float results vary from run to run.
+fn ordered_sum(parts: impl IndexedParallelIterator<Item = f64>) -> f64 {
+    parts.collect::<Vec<f64>>().iter().sum()
+}
+
 /// Scales the gradients so their global L2 norm is at most `max_norm`, as
 /// [`super::adam::clip_grad_norm`] does (coefficient max_norm / (norm + 1e-6), applied when
 /// below 1; the squares summed in f64). Returns the norm before clipping.
@@ -204,9 +210,9 @@ pub fn clip_grad_norm(grads: &mut [Vec<f32>], max_norm: f64) -> f64 {
     let total: f64 = grads
         .iter()
         .map(|g| {
-            g.par_chunks(1 << 14)
-                .map(|c| c.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>())
-                .sum::<f64>()
+            ordered_sum(
+                g.par_chunks(1 << 14).map(|c| c.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>()),
+            )
         })
         .sum();
     let norm = total.sqrt();
@@ -673,8 +679,8 @@ pub fn l1(cc: &Crosscoder, x: &[f32], b: usize, mu: f64) -> Result<CpuStep> {
         }
         x_hat.par_chunks_mut(width).for_each(|r| r.iter_mut().zip(w.bd).for_each(|(o, b)| *o += b));
         let (l2, _, g) = recon(x, &x_hat, b, d);
-        let penalty: f64 =
-            post.par_chunks(f).map(|r| r.iter().zip(&c).map(|(p, c)| p * c).sum::<f32>() as f64).sum::<f64>()
+        let penalty =
+            ordered_sum(post.par_chunks(f).map(|r| r.iter().zip(&c).map(|(p, c)| p * c).sum::<f32>() as f64))
                 / b as f64;
         let sparsity = penalty as f32;
         let loss = l2 + (penalty * mu) as f32;
