@@ -3,17 +3,17 @@
 # against the same crosscoder step in plain PyTorch (bench/train_torch.py) on this CPU, at small
 # shapes: d = D, F = 4096, batch 512, BatchTopK k = 32 (and the L1 loss), lr 1e-4, f32. Both read
 # the same two synthetic caches (TOKENS pairs each, f32); pipe reads them mmapped, PyTorch loads
-# them into memory. Run alternately, ROUNDS times each; then the memory of pipe's BatchTopK run on
-# a store 10× larger (bf16, RSS_TOKENS and 10 × RSS_TOKENS pairs per cache). Markdown tables at
-# the end.
+# them into memory. pipe runs twice: with its CPU step and through candle's autograd
+# (TRAIN_BENCH_AUTOGRAD=1, the path GPUs use). Run alternately, ROUNDS times each; then the memory
+# of pipe's BatchTopK run on a store 10× larger (bf16, RSS_TOKENS and 10 × RSS_TOKENS pairs per
+# cache). Markdown tables at the end.
 #
 #   bash bench/train.sh
 #
 # Needs: cargo, a Python with torch and safetensors (PY, default /work/.venv-parity/bin/python).
-# Knobs: ROUNDS (3), TOKENS (200000), D (256), STEPS (60, BatchTopK), L1_STEPS (20: pipe's L1 loop
-# grows ~100 MB per step, see BENCHMARKS.md), THREADS (2: torch threads; pipe uses all cores via
-# rayon/gemm), RSS_TOKENS (200000), RSS (1: run the memory part), plus BENCH_DIR, BENCH_WAIT,
-# BENCH_KEEP of bench/lib.sh.
+# Knobs: ROUNDS (3), TOKENS (200000), D (256), STEPS (60, BatchTopK), L1_STEPS (60), THREADS (2:
+# torch threads; pipe uses all cores via rayon/gemm), RSS_TOKENS (200000), RSS (1: run the memory
+# part), plus BENCH_DIR, BENCH_WAIT, BENCH_KEEP of bench/lib.sh.
 
 source "$(dirname "$0")/lib.sh"
 PY="${PY:-/work/.venv-parity/bin/python}"
@@ -22,7 +22,7 @@ ROUNDS="${ROUNDS:-3}"
 TOKENS="${TOKENS:-200000}"
 D="${D:-256}"
 STEPS="${STEPS:-60}"
-L1_STEPS="${L1_STEPS:-20}"
+L1_STEPS="${L1_STEPS:-60}"
 THREADS="${THREADS:-2}"
 RSS_TOKENS="${RSS_TOKENS:-200000}"
 RSS="${RSS:-1}"
@@ -47,13 +47,16 @@ echo "rustc:     $(rustc --version)"
 run_pipe() {  # $1 loss, $2 steps, $3 round
     "$BIN" run "$W/data" "$1" "$2" | tee -a "$W/results.jsonl"
 }
+run_autograd() {  # the same loop through candle's autograd instead of the CPU step
+    TRAIN_BENCH_AUTOGRAD=1 "$BIN" run "$W/data" "$1" "$2" | tee -a "$W/results.jsonl"
+}
 run_torch() {
     "$PY" "$REPO/bench/train_torch.py" --data "$W/data" --loss "$1" --steps "$2" --threads "$THREADS" \
         | tee -a "$W/results.jsonl"
 }
 : > "$W/results.jsonl"
 for ((r = 1; r <= ROUNDS; r++)); do
-    if ((r % 2)); then order="pipe torch"; else order="torch pipe"; fi
+    if ((r % 2)); then order="pipe torch autograd"; else order="autograd torch pipe"; fi
     for loss in batchtopk l1; do
         steps=$STEPS; [[ $loss == l1 ]] && steps=$L1_STEPS
         for who in $order; do
@@ -88,15 +91,18 @@ print("| loss | implementation | steps | steps/s: median (each round) | pipe / t
 print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
 for loss in ("batchtopk", "l1"):
     med = {}
-    for who in ("pipe", "torch"):
+    names = {"pipe": "pipe `train` loop (CPU step)", "pipe-autograd": "pipe `train` loop (candle autograd)",
+             "torch": "PyTorch (`bench/train_torch.py`)"}
+    whos = [w for w in names if any(r["loss"] == loss and r["impl"] == w for r in rows)]
+    for who in whos:
         rs = [r for r in rows if r["loss"] == loss and r["impl"] == who]
         med[who] = statistics.median(r["steps_per_s"] for r in rs)
-    for who in ("pipe", "torch"):
+    for who in whos:
         rs = [r for r in rows if r["loss"] == loss and r["impl"] == who]
         each = ", ".join(f"{r['steps_per_s']:.2f}" for r in rs)
-        ratio = f"**{med['pipe'] / med['torch']:.2f}×**" if who == "pipe" else ""
-        anon = mb(max(r["peak_rss_anon"] for r in rs)) if who == "pipe" else "–"
-        print(f"| {loss} | {'pipe `train` loop (candle)' if who == 'pipe' else 'PyTorch (`bench/train_torch.py`)'} "
+        ratio = f"**{med[who] / med['torch']:.2f}×**" if who != "torch" else ""
+        anon = mb(max(r["peak_rss_anon"] for r in rs)) if who != "torch" else "–"
+        print(f"| {loss} | {names[who]} "
               f"| {rs[0]['steps']} | {med[who]:.2f} ({each}) | {ratio} | {mb(max(r['vm_hwm'] for r in rs))} | {anon} "
               f"| {rs[-1].get('final_loss', float('nan')):.4f} |")
 try:

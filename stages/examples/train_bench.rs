@@ -133,7 +133,7 @@ fn run(dir: &Path, loss: &str, steps: u64, extra: &[String]) {
     let (hwm, _, _) = mem();
     let get = |k: &str| summary.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     let out = serde_json::json!({
-        "impl": "pipe", "loss": loss, "steps": steps, "tokens_in_store": tokens, "seconds": secs,
+        "impl": if env.autograd { "pipe-autograd" } else { "pipe" }, "loss": loss, "steps": steps, "tokens_in_store": tokens, "seconds": secs,
         "steps_per_s": steps as f64 / secs, "vm_hwm": hwm, "peak_rss_anon": anon, "peak_rss_file": file,
         "final_loss": get("train/loss"), "final_l0": get("train/l0"),
         "final_fve": get("train/frac_variance_explained"),

@@ -282,6 +282,9 @@ fn code_weights(norm: CodeNormalization, sq: &[f32], f: usize) -> Vec<f32> {
         .collect()
 }
 
+/// A row's kept (column, value) pairs.
+type Entries = Vec<(u32, f32)>;
+
 /// Row chunks for a parallel pass over a (B, F) buffer: a few per thread, so per-chunk scratch
 /// (the selection's histograms) stays small in number.
 fn row_chunk(rows: usize) -> usize {
@@ -359,7 +362,7 @@ fn select_batch(post: &[f32], c: &[f32], b: usize, k: u64) -> (Sparse, f32) {
         (hi << 16) | lo
     };
     // Per row: the entries above t, and the columns equal to t (rarely more than a few).
-    let rows: Vec<(Vec<(u32, f32)>, Vec<u32>)> = keys
+    let rows: Vec<(Entries, Vec<u32>)> = keys
         .par_chunks(f)
         .zip(post.par_chunks(f))
         .map(|(krow, prow)| {

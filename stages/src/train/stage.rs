@@ -124,6 +124,23 @@ pub struct TrainParams {
     pub checkpoint_every: u64,
 }
 
+/// Sets candle's TF32 flag for cuBLAS f32 matmuls, and restores the previous value on drop.
+struct Tf32(bool);
+
+impl Tf32 {
+    fn set(on: bool) -> Tf32 {
+        let before = candle_core::cuda::gemm_reduced_precision_f32();
+        candle_core::cuda::set_gemm_reduced_precision_f32(on);
+        Tf32(before)
+    }
+}
+
+impl Drop for Tf32 {
+    fn drop(&mut self) {
+        candle_core::cuda::set_gemm_reduced_precision_f32(self.0);
+    }
+}
+
 /// See [`TrainParams::precision`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
@@ -201,7 +218,9 @@ fn default_checkpoint_every() -> u64 {
 impl Stage for TrainStage {
     type Params = TrainParams;
     const KIND: &'static str = "train";
-    const VERSION: u32 = 1;
+    /// 2: CPU steps compute their gradients by hand ([`cpu`]), so CPU-trained weights differ
+    /// from version 1's in rounding.
+    const VERSION: u32 = 2;
     const DOC: &'static str = "A crosscoder (BatchTopK or L1) trained on paired activation caches.";
     const UNKEYED: &'static [&'static str] = &["checkpoint_every"];
 
@@ -579,8 +598,16 @@ pub fn train(
         device_name(&device)
     );
 
-    let cc =
+    let mut cc =
         Crosscoder::init(d, f, Some(norm_init), p.code_normalization, p.seed, &device).map_err(candle)?;
+    // `precision` acts on CUDA only: the CPU has neither TF32 nor bf16 matmuls, and runs f32.
+    let cuda = device.is_cuda();
+    if cuda && p.precision == Precision::Bf16 {
+        cc.matmul_dtype = DType::BF16;
+    }
+    // A process-wide cuBLAS setting (no-op without the `cuda` feature): on for this run, and back
+    // as it was when `train` returns.
+    let _tf32 = cuda.then(|| Tf32::set(p.precision == Precision::Tf32));
     let mut adam = Adam::new(&cc.vars()).map_err(candle)?;
     let mut topk = (p.loss == LossKind::Batchtopk).then(|| BatchTopK {
         k: p.k,
