@@ -2,7 +2,7 @@
 """The transformers competitor of the `cache` stage (bench/cache.sh): the same work, in PyTorch.
 
     python bench/cache_hf.py --base DIR --chat DIR --data FILE.jsonl --out DIR --layer L \
-        [--batch-size 8] [--context-len 1024] [--threads 2]
+        [--batch-size 8] [--context-len 1024] [--threads 2] [--device cpu] [--dtype f32] [--store-dtype f32]
 
 What it does, step for step as stages/src/cache/stage.rs:
   - tokenizer: `tokenizers.Tokenizer.from_file(chat/tokenizer.json)` (the stage's default
@@ -16,8 +16,12 @@ What it does, step for step as stages/src/cache/stage.rs:
     Identity, so `last_hidden_state` is the output of block L (= transformers'
     `hidden_states[L + 1]`) and nothing after block L is computed. attn_implementation "sdpa" (the
     default on the CPU), use_cache=False, torch.inference_mode, torch threads = --threads.
+  - --device / --dtype: where and in which dtype the models run (cpu / f32 by default; the GPU
+    benchmark, bench/gpu/run.sh, runs cuda / bf16 with --store-dtype bf16, as the stage's
+    `dtype = "bf16"`, `store_dtype = "bf16"`).
   - non-padding rows gathered with the mask, put back in dataset order per window, stacked
-    (n, 2, d) f32 and appended with a raw write to OUT/activations.f32 (tokens to OUT/tokens.u32);
+    (n, 2, d) in --store-dtype and appended with a raw write to OUT/activations.<dtype> (tokens
+    to OUT/tokens.u32);
     per-dimension running sums (f64) over the rows, as the stage's statistics.
   - OUT/summary.json: tokens, docs, d, seconds (model load + tokenize + forward + write, i.e. from
     before loading the models to the end, as the stage's own `tokens_per_s`), forward seconds.
@@ -37,8 +41,12 @@ from tokenizers import Tokenizer  # noqa: E402
 READ_AHEAD = 8  # documents per window = READ_AHEAD × batch_size, as the stage
 
 
-def load(path, layer):
-    model = transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
+
+
+def load(path, layer, device, dtype):
+    model = transformers.LlamaForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    model = model.to(device)
     inner = model.model
     inner.layers = inner.layers[: layer + 1]
     inner.config.num_hidden_layers = layer + 1
@@ -57,12 +65,18 @@ def main():
     ap.add_argument("--context-len", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--column", default="text")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="f32")
+    ap.add_argument("--store-dtype", choices=sorted(DTYPES), default="f32")
     args = ap.parse_args()
+    dev, dtype, store = torch.device(args.device), DTYPES[args.dtype], DTYPES[args.store_dtype]
+    # bf16 rows go to disk as their 16-bit patterns (numpy has no bf16).
+    store_np = np.float32 if store == torch.float32 else np.int16
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    base = load(args.base, args.layer)
-    chat = load(args.chat, args.layer)
+    base = load(args.base, args.layer, dev, dtype)
+    chat = load(args.chat, args.layer, dev, dtype)
     d = base.config.hidden_size
     tok = Tokenizer.from_file(f"{args.chat}/tokenizer.json")
     tok.no_padding()
@@ -71,7 +85,7 @@ def main():
 
     docs = [json.loads(line)[args.column] for line in open(args.data) if line.strip()]
     window = READ_AHEAD * args.batch_size
-    acts_f = open(f"{args.out}/activations.f32", "wb")
+    acts_f = open(f"{args.out}/activations.{args.store_dtype}", "wb")
     toks_f = open(f"{args.out}/tokens.u32", "wb")
     total = 0
     s1 = np.zeros(2 * d)
@@ -83,7 +97,8 @@ def main():
             lengths = [len(e) for e in enc]
             offsets = np.cumsum([0] + lengths)
             n = int(offsets[-1])
-            out = np.empty((n, 2, d), dtype=np.float32)
+            out = np.empty((n, 2, d), dtype=store_np)
+            sums = torch.zeros((2, 2 * d), dtype=torch.float64, device=dev)
             order = sorted(range(len(enc)), key=lambda j: -lengths[j])  # stable, longest first
             for g0 in range(0, len(order), args.batch_size):
                 group = order[g0 : g0 + args.batch_size]
@@ -93,19 +108,25 @@ def main():
                 for r, j in enumerate(group):
                     ids[r, : lengths[j]] = torch.tensor(enc[j])
                     mask[r, : lengths[j]] = 1
+                ids, mask = ids.to(dev), mask.to(dev)
                 keep = mask.bool()
                 tf = time.perf_counter()
                 for m, model in enumerate((base, chat)):
                     h = model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-                    rows = h[keep].numpy()  # (sum of lengths, d), row-major: document by document
+                    kept = h[keep].to(store)  # (sum of lengths, d), row-major: document by document
+                    wide = kept.double()
+                    sums[0, m * d : (m + 1) * d] += wide.sum(0)
+                    sums[1, m * d : (m + 1) * d] += (wide * wide).sum(0)
+                    rows = (kept if store == torch.float32 else kept.view(torch.int16)).cpu().numpy()
                     at = 0
                     for j in group:
                         out[offsets[j] : offsets[j + 1], m] = rows[at : at + lengths[j]]
                         at += lengths[j]
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
                 t_forward += time.perf_counter() - tf
-            flat = out.reshape(n, 2 * d).astype(np.float64)
-            s1 += flat.sum(0)
-            s2 += (flat * flat).sum(0)
+            s1 += sums[0].cpu().numpy()
+            s2 += sums[1].cpu().numpy()
             acts_f.write(out.tobytes())
             toks_f.write(np.concatenate([np.asarray(e, dtype=np.uint32) for e in enc]).tobytes())
             total += n
@@ -125,6 +146,9 @@ def main():
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "threads": torch.get_num_threads(),
+        "device": str(dev),
+        "dtype": args.dtype,
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated() if dev.type == "cuda" else 0,
     }
     json.dump(summary, open(f"{args.out}/summary.json", "w"), indent=1)
     print(json.dumps(summary))

@@ -13,6 +13,11 @@ Reads the caches written by `train_bench gen` (DIR/web, DIR/chat: shards/*.safet
 seconds (init + steps + saving the state dict; loading the data excluded), steps/s, peak RSS.
 
     python bench/train_torch.py --data DIR --loss batchtopk --steps 150 --threads 2
+
+On a GPU (bench/gpu/run.sh): --device cuda and --precision f32 (plain FP32 matmuls), tf32
+(`torch.set_float32_matmul_precision('high')`, as the original trains) or bf16 (autocast of the
+step's forward and loss, weights and Adam in f32). The data then lives on the device and peak
+device memory (`torch.cuda.max_memory_allocated`) is reported.
 """
 
 import argparse
@@ -92,28 +97,35 @@ def main():
     ap.add_argument("--threshold-start-step", type=int, default=1000)
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", choices=["f32", "tf32", "bf16"], default="f32")
     a = ap.parse_args()
 
     torch.set_num_threads(a.threads)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    data = load([os.path.join(a.data, "web"), os.path.join(a.data, "chat")])
+    dev = torch.device(a.device)
+    cuda = dev.type == "cuda"
+    torch.set_float32_matmul_precision("high" if a.precision == "tf32" else "highest")
+    torch.backends.cudnn.allow_tf32 = a.precision == "tf32"
+    dirs = [os.path.join(a.data, s) for s in ("web", "chat") if os.path.isdir(os.path.join(a.data, s))]
+    data = load(dirs).to(dev)
     n, _, d = data.shape
     gen = torch.Generator().manual_seed(a.seed)
     B, F, topk = a.batch_size, a.dict_size, a.loss == "batchtopk"
 
     t0 = time.perf_counter()
-    cc = CrossCoder(d, F, 1.0 if topk else 0.005, gen)
+    cc = CrossCoder(d, F, 1.0 if topk else 0.005, gen).to(dev)
     opt = torch.optim.Adam(cc.parameters(), lr=a.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(s / a.warmup_steps, 1.0) if a.warmup_steps else 1.0)
-    since_fired = torch.zeros(F, dtype=torch.long)
+    since_fired = torch.zeros(F, dtype=torch.long, device=dev)
     threshold = -1.0
     last = {}
     for step in range(a.steps):
-        x = data[torch.randint(0, n, (B,), generator=gen)]
+        x = data[torch.randint(0, n, (B,), generator=gen).to(dev)]
         if topk and step == 0:
             with torch.no_grad():
                 cc.b_dec.copy_(geometric_median(x))
+        autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda and a.precision == "bf16")
+        autocast.__enter__()
         post = cc.post(x)
         if topk:
             c = cc.code_weights().detach()
@@ -148,6 +160,7 @@ def main():
             l2 = (x - x_hat).norm(dim=-1).mean()
             sparsity = (f * cc.code_weights()).sum(-1).mean()
             loss = l2 + a.mu * sparsity
+        autocast.__exit__(None, None, None)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if topk:
@@ -168,11 +181,14 @@ def main():
         sched.step()
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(cc.state_dict(), os.path.join(tmp, "crosscoder.pt"))
+    if cuda:
+        torch.cuda.synchronize()
     secs = time.perf_counter() - t0
     print(json.dumps({
         "impl": "torch", "loss": a.loss, "steps": a.steps, "tokens_in_store": n, "seconds": secs,
         "steps_per_s": a.steps / secs, "vm_hwm": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "threads": torch.get_num_threads(), **last,
+        "threads": torch.get_num_threads(), "device": str(dev), "precision": a.precision,
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else 0, **last,
     }))
 
 
