@@ -328,23 +328,26 @@ fn select_batch(post: &[f32], c: &[f32], b: usize, k: u64) -> (Sparse, f32) {
     let f = c.len();
     let chunk = row_chunk(b) * f;
     let mut keys = vec![0u32; post.len()];
-    let high: Vec<Vec<u32>> = keys
+    let (high, zeros): (Vec<Vec<u32>>, Vec<u64>) = keys
         .par_chunks_mut(chunk)
         .zip(post.par_chunks(chunk))
         .map(|(keys, post)| {
             let mut h = vec![0u32; 1 << 16];
+            let mut zeros = 0u64;
             for (krow, prow) in keys.chunks_mut(f).zip(post.chunks(f)) {
                 for ((key_out, p), cj) in krow.iter_mut().zip(prow).zip(c) {
                     let bits = key(p * cj);
                     *key_out = bits;
                     h[(bits >> 16) as usize] += 1;
+                    zeros += u64::from(bits == 0);
                 }
             }
-            h
+            (h, zeros)
         })
-        .collect();
+        .unzip();
     let high = merge(high);
-    let positive = post.len() as u64 - high[0];
+    // Not `len − high[0]`: the lowest bin also holds the tiniest positive values.
+    let positive = post.len() as u64 - zeros.iter().sum::<u64>();
     // Keep keys above `t`; the entries equal to `t` up to the quota (none when t = 0).
     let t = if positive <= k {
         0
@@ -893,5 +896,10 @@ mod tests {
             assert_eq!(sel.cols.len() as u64, k);
             assert_eq!(min, s[k as usize - 1], "k = {k}");
         }
+        // Subnormal values share the lowest upper-16-bit bin with the zeros.
+        let tiny: Vec<f32> = (0..40).map(|i| if i % 4 == 0 { 0.0 } else { f32::from_bits(i) }).collect();
+        let (sel, min) = select_batch(&tiny, &[1.0; 10], 4, 25);
+        assert_eq!(sel.cols.len(), 25);
+        assert_eq!(min, f32::from_bits(7), "the 25th largest of the 30 positive bit patterns");
     }
 }
