@@ -5,6 +5,7 @@
 //! cargo build --release -p pipe-stages --example train_bench
 //! train_bench gen DIR TOKENS D DTYPE [SEED]   # two caches DIR/web, DIR/chat of TOKENS pairs each
 //! train_bench run DIR LOSS STEPS [KEY=VALUE...]  # LOSS = batchtopk | l1; extra TrainParams as JSON values
+//! TRAIN_BENCH_AUTOGRAD=1 train_bench run ...     # through candle's autograd, not the CPU step
 //! ```
 //!
 //! `gen`: every token is a sparse combination of 16 of 1,024 random unit atoms over (2, d) (shared
