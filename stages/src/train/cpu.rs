@@ -411,14 +411,12 @@ fn select_batch(post: &[f32], c: &[f32], b: usize, k: u64) -> (Sparse, f32) {
 /// index), as CSR of their unscaled values.
 fn select_rows(post: &[f32], c: &[f32], dead: &[bool], k: usize) -> Sparse {
     let f = c.len();
+    let dead: Vec<usize> = (0..f).filter(|&j| dead[j]).collect();
     let rows = post
         .par_chunks(f)
         .map(|row| {
-            let cand: Vec<(u32, f32, f32)> = (0..f)
-                .filter(|&j| dead[j])
-                .map(|j| (j as u32, row[j], row[j] * c[j]))
-                .filter(|e| key(e.2) > 0)
-                .collect();
+            let cand: Vec<(u32, f32, f32)> =
+                dead.iter().map(|&j| (j as u32, row[j], row[j] * c[j])).filter(|e| key(e.2) > 0).collect();
             if cand.len() <= k {
                 return cand.into_iter().map(|(j, p, _)| (j, p)).collect();
             }
