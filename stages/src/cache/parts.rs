@@ -451,7 +451,7 @@ mod tests {
     use engine::store::Store;
 
     use super::*;
-    use crate::cache::CacheMeta;
+    use crate::cache::{CacheMeta, StoreDtype};
 
     fn check_balance(tokens: &[u64], max_parts: usize, expected: &[Range<usize>]) {
         assert_eq!(balance(tokens, max_parts), expected, "{tokens:?} into at most {max_parts}");
@@ -657,6 +657,51 @@ mod tests {
             m
         };
         assert_eq!(metrics(&whole_out), metrics(&split_out));
+    }
+
+    /// `dtype = "auto"` is what the checkpoints' configs name: the tiny pair as shipped (f32), and
+    /// a copy whose configs say bfloat16, which runs and stores in bf16 on the CPU; the stored
+    /// activations stay near the f32 run's.
+    #[test]
+    fn auto_dtype_is_the_checkpoints_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, f32_out, f32_meta) = whole_run(dir.path(), "max_tokens = 3000");
+        assert_eq!((f32_meta.compute_dtype.as_str(), f32_meta.dtype), ("f32", StoreDtype::F32));
+
+        let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipelines/tiny/llama");
+        for model in ["base", "chat"] {
+            let to = dir.path().join("bf16").join(model);
+            std::fs::create_dir_all(&to).unwrap();
+            for entry in std::fs::read_dir(tiny.join(model)).unwrap() {
+                let from = entry.unwrap().path();
+                std::fs::copy(&from, to.join(from.file_name().unwrap())).unwrap();
+            }
+            let config = std::fs::read_to_string(to.join("config.json")).unwrap();
+            assert!(config.contains("\"dtype\": \"float32\""));
+            std::fs::write(to.join("config.json"), config.replace("\"float32\"", "\"bfloat16\"")).unwrap();
+        }
+        let text = pipeline_text(&dir.path().join("docs.jsonl"), "max_tokens = 3000")
+            .replace(&tiny.display().to_string(), &dir.path().join("bf16").display().to_string());
+        let out = Project::new(&dir.path().join("bf16-store"), &text).done(Mode::Whole).expect("published");
+        let meta = CacheMeta::read(&out).unwrap();
+        assert_eq!((meta.compute_dtype.as_str(), meta.dtype), ("bf16", StoreDtype::Bf16));
+        assert_eq!((meta.docs, meta.tokens), (f32_meta.docs, f32_meta.tokens));
+
+        let rows = |out: &Path| {
+            let cache = crate::cache::ActivationCache::open(out).unwrap();
+            let mut rows = vec![0f32; 200 * 2 * cache.d_model()];
+            cache.range_into(0..200, &mut rows);
+            rows
+        };
+        let (x, y) = (rows(&f32_out), rows(&out));
+        let (mut num, mut den) = (0f64, 0f64);
+        for (u, v) in x.iter().zip(&y) {
+            num += f64::from(u - v).powi(2);
+            den += f64::from(*u).powi(2);
+        }
+        let rel = (num / den).sqrt();
+        eprintln!("bf16 vs f32 stored activations: relative error {rel:.2e}");
+        assert!(rel > 0.0 && rel < 0.02, "bf16 vs f32 relative error {rel:e}");
     }
 
     /// `max_tokens` cuts inside a window; the split is run by the local executor, part after part.

@@ -37,7 +37,9 @@ pub struct CacheStage;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ComputeDtype {
-    /// f32 on the CPU, bf16 on CUDA (the run records which).
+    /// The checkpoints' own dtype (`torch_dtype` in their config.json, as transformers'
+    /// `torch_dtype="auto"`; f32 if a config names none or the two differ). The same on every
+    /// device, so one key means one computation on a laptop and on a GPU.
     #[default]
     Auto,
     F32,
@@ -46,13 +48,17 @@ pub enum ComputeDtype {
 }
 
 impl ComputeDtype {
-    /// The candle dtype on `device` (`auto`: f32 on the CPU, bf16 elsewhere).
-    pub(crate) fn on(self, device: &Device) -> DType {
-        match (self, device.is_cpu()) {
-            (ComputeDtype::Auto, true) | (ComputeDtype::F32, _) => DType::F32,
-            (ComputeDtype::Auto, false) | (ComputeDtype::Bf16, _) => DType::BF16,
-            (ComputeDtype::F16, _) => DType::F16,
-        }
+    /// The candle dtype for the model pair in `base` and `chat` (`auto` reads their configs).
+    pub(crate) fn resolve(self, base: &Path, chat: &Path) -> Result<DType, crate::models::ModelError> {
+        Ok(match self {
+            ComputeDtype::F32 => DType::F32,
+            ComputeDtype::Bf16 => DType::BF16,
+            ComputeDtype::F16 => DType::F16,
+            ComputeDtype::Auto => {
+                let (b, c) = (crate::models::checkpoint_dtype(base)?, crate::models::checkpoint_dtype(chat)?);
+                if b == c { b } else { DType::F32 }
+            }
+        })
     }
 }
 
@@ -182,7 +188,8 @@ fn default_batch_size() -> usize {
 impl Stage for CacheStage {
     type Params = CacheParams;
     const KIND: &'static str = "cache";
-    const VERSION: u32 = 1;
+    // 2: dtype "auto" is the checkpoints' dtype on every device (it was f32 on the CPU).
+    const VERSION: u32 = 2;
     const DOC: &'static str =
         "Paired base/chat residual-stream activations at one layer, for every token of a dataset.";
     const UNKEYED: &'static [&'static str] = &["batch_size"];
@@ -371,7 +378,7 @@ pub(super) struct Models {
 impl Models {
     pub(super) fn load(p: &CacheParams, ctx: &StageContext, inputs: &Inputs) -> Result<Models, StageError> {
         let device = crate::device::candle_device(ctx.device())?;
-        let dtype = p.dtype.on(&device);
+        let dtype = p.dtype.resolve(&inputs.base_dir, &inputs.chat_dir).map_err(StageError::other)?;
         let store = match p.store_dtype {
             StoreDtypeParam::Auto => StoreDtype::from_candle(dtype).expect("a float dtype"),
             StoreDtypeParam::F32 => StoreDtype::F32,

@@ -116,7 +116,8 @@ fn default_batch_size() -> usize {
 impl Stage for EvalStage {
     type Params = EvalParams;
     const KIND: &'static str = "eval";
-    const VERSION: u32 = 1;
+    // 2: dtype "auto" is the checkpoints' dtype on every device (it was f32 on the CPU).
+    const VERSION: u32 = 2;
     const DOC: &'static str = "KL of the chat model's next-token distribution under interventions on its \
         layer-L residual (base activations with crosscoder latents swapped in), per assistant token.";
     const UNKEYED: &'static [&'static str] = &["batch_size"];
@@ -261,9 +262,9 @@ fn read_conversations(
 fn run(p: &EvalParams, ctx: &mut StageContext) -> Result<(), StageError> {
     let t0 = Instant::now();
     let device = crate::device::candle_device(ctx.device())?;
-    let dtype = p.dtype.on(&device);
     let base_dir = ctx.external("base")[0].clone();
     let chat_dir = ctx.external("chat")[0].clone();
+    let dtype = p.dtype.resolve(&base_dir, &chat_dir).map_err(StageError::other)?;
     let data = ctx.external("data")[0].clone();
     let tokenizer = TextTokenizer::from_dir(&chat_dir)
         .and_then(|t| t.with_context_len(p.context_len))

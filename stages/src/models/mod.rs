@@ -39,10 +39,11 @@ pub enum ModelError {
     #[error("cannot open safetensors file {}: {source}; the file may be truncated or corrupt", path.display())]
     Safetensors { path: PathBuf, source: Box<candle_core::Error> },
     #[error(
-        "dtype {dtype:?} is not available on the CPU (candle has no CPU matmul for it); \
-         use f32 or f16 on the CPU, bf16 on CUDA"
+        "{}: {key} = {value} is not a dtype pipe runs models in (float32, bfloat16, float16); \
+         set the stage's `dtype` explicitly",
+        path.display()
     )]
-    UnsupportedDtype { dtype: DType },
+    UnknownDtype { path: PathBuf, key: &'static str, value: String },
     #[error("the weights in {} do not fit {}: {source}", dir.display(), config.display())]
     Weights { dir: PathBuf, config: PathBuf, source: Box<candle_core::Error> },
 }
@@ -76,9 +77,6 @@ impl Model {
     /// the family by `model_type`; the weights are `model.safetensors` or the shards listed in
     /// `model.safetensors.index.json`, converted to `dtype` on `device`.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self, ModelError> {
-        if device.is_cpu() && dtype == DType::BF16 {
-            return Err(ModelError::UnsupportedDtype { dtype });
-        }
         let config_path = dir.join("config.json");
         let config: serde_json::Value = read_json(&config_path)?;
         let model_type = config.get("model_type").and_then(|t| t.as_str()).unwrap_or_default().to_string();
@@ -178,6 +176,27 @@ impl Model {
             Self::Llama(m) => m.forward_from_layer(resid, attention_mask, layer),
             Self::Gemma2(m) => m.forward_from_layer(resid, attention_mask, layer),
         }
+    }
+}
+
+/// The dtype the checkpoint in `dir` is saved in, as its `config.json` names it (`torch_dtype`,
+/// or `dtype` as transformers writes it since 4.56): what transformers loads with
+/// `torch_dtype="auto"`. f32 when the config names none, as transformers does then.
+pub fn checkpoint_dtype(dir: &Path) -> Result<DType, ModelError> {
+    let path = dir.join("config.json");
+    let config: serde_json::Value = read_json(&path)?;
+    let Some((key, value)) = ["torch_dtype", "dtype"]
+        .into_iter()
+        .find_map(|key| config.get(key).filter(|v| !v.is_null()).map(|v| (key, v)))
+    else {
+        return Ok(DType::F32);
+    };
+    let name = value.as_str().map(|s| s.strip_prefix("torch.").unwrap_or(s));
+    match name {
+        Some("float32" | "float") => Ok(DType::F32),
+        Some("bfloat16") => Ok(DType::BF16),
+        Some("float16" | "half") => Ok(DType::F16),
+        _ => Err(ModelError::UnknownDtype { path, key, value: value.to_string() }),
     }
 }
 
