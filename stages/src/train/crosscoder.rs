@@ -235,12 +235,12 @@ fn kth_largest_bisect(values: &Tensor, k: &[u64]) -> Result<Vec<f32>> {
         let mid: Vec<u32> = lo.iter().zip(&hi).map(|(l, h)| l + (h - l) / 2).collect();
         let t =
             Tensor::from_vec(mid.iter().map(|m| f32::from_bits(*m)).collect::<Vec<_>>(), (rows, 1), device)?;
-        let counts: Vec<u32> = values.broadcast_ge(&t)?.to_dtype(DType::U32)?.sum(1)?.to_vec1()?;
+        let counts = row_counts(&values.broadcast_ge(&t)?)?;
         for r in 0..rows {
             if hi[r] - lo[r] <= 1 {
                 continue;
             }
-            if u64::from(counts[r]) >= k[r] {
+            if counts[r] >= k[r] {
                 lo[r] = mid[r];
             } else {
                 hi[r] = mid[r];
@@ -248,6 +248,42 @@ fn kth_largest_bisect(values: &Tensor, k: &[u64]) -> Result<Vec<f32>> {
         }
     }
     Ok(lo.iter().zip(k).map(|(l, k)| if *k == 0 { f32::INFINITY } else { f32::from_bits(*l) }).collect())
+}
+
+/// The number of nonzero entries in each row of the 0/1 mask `mask` (R, N, u8).
+///
+/// candle reduces with one GPU block per output value, so the batch-level selection's counts
+/// (one row of B·F = 268M entries at the paper's sizes, 31 passes a step) would each run on one
+/// streaming multiprocessor. Rows that long are counted in [`COUNT_CHUNKS`] chunks each, whose
+/// sums (u32, exact) are added on the host in u64. The counts are the same either way.
+fn row_counts(mask: &Tensor) -> Result<Vec<u64>> {
+    let (rows, n) = mask.dims2()?;
+    let chunks = if rows < COUNT_CHUNKS && n >= COUNT_CHUNKS * 64 { COUNT_CHUNKS } else { 1 };
+    row_counts_in(mask, chunks)
+}
+
+/// Chunks each long row of [`row_counts`] is counted in.
+const COUNT_CHUNKS: usize = 1024;
+
+/// [`row_counts`] with each row cut into `chunks` equal pieces (the remainder, shorter than
+/// `chunks`, counted apart).
+fn row_counts_in(mask: &Tensor, chunks: usize) -> Result<Vec<u64>> {
+    let (rows, n) = mask.dims2()?;
+    let sum_rows = |m: &Tensor| -> Result<Vec<u64>> {
+        Ok(m.to_dtype(DType::U32)?.sum(1)?.to_vec1::<u32>()?.into_iter().map(u64::from).collect())
+    };
+    let len = n / chunks.max(1);
+    if chunks <= 1 || len == 0 {
+        return sum_rows(mask);
+    }
+    let main = mask.narrow(1, 0, len * chunks)?.contiguous()?.reshape((rows * chunks, len))?;
+    let parts = sum_rows(&main)?;
+    let mut counts: Vec<u64> = parts.chunks(chunks).map(|c| c.iter().sum()).collect();
+    if len * chunks < n {
+        let rest = sum_rows(&mask.narrow(1, len * chunks, n - len * chunks)?.contiguous()?)?;
+        counts.iter_mut().zip(rest).for_each(|(c, r)| *c += r);
+    }
+    Ok(counts)
 }
 
 /// 0/1 mask of the entries of `values` (R, N) that are positive and among the `k` largest of
@@ -261,15 +297,15 @@ pub fn top_mask(values: &Tensor, k: u64, per_row: bool) -> Result<Tensor> {
     let kth = kth_largest(&flat, &vec![k; groups])?;
     let t = Tensor::from_vec(kth.clone(), (groups, 1), v.device())?;
     let ge = flat.broadcast_ge(&t)?;
-    let counts: Vec<u32> = ge.to_dtype(DType::U32)?.sum(1)?.to_vec1()?;
+    let counts = row_counts(&ge)?;
     let positive = flat.gt(0.0)?;
-    let tied = (0..groups).any(|g| kth[g] > 0.0 && u64::from(counts[g]) > k);
+    let tied = (0..groups).any(|g| kth[g] > 0.0 && counts[g] > k);
     let mask = if tied {
         // Rare: drop the surplus entries equal to the k-th value, from the highest index down.
         let mut host: Vec<Vec<u8>> = ge.to_vec2()?;
         let vals: Vec<Vec<f32>> = flat.to_vec2()?;
         for g in 0..groups {
-            let mut surplus = u64::from(counts[g]).saturating_sub(k);
+            let mut surplus = counts[g].saturating_sub(k);
             for i in (0..host[g].len()).rev() {
                 if surplus == 0 || kth[g] <= 0.0 {
                     break;
@@ -381,8 +417,25 @@ pub fn min_positive_scaled(cc: &Crosscoder, f: &Tensor) -> Result<f32> {
     // min over positive entries: replace non-positive by +inf.
     let positive = scaled.gt(0.0)?;
     let inf = Tensor::full(f32::INFINITY, scaled.shape(), scaled.device())?;
-    let m: f32 = positive.where_cond(&scaled, &inf)?.flatten_all()?.min(0)?.to_scalar()?;
+    let m = min_all(&positive.where_cond(&scaled, &inf)?)?;
     Ok(if m.is_finite() { m } else { 0.0 })
+}
+
+/// The smallest entry of the f32 tensor `t`, over chunks of [`COUNT_CHUNKS`] for a long one
+/// (one GPU block per output value, as in [`row_counts`]).
+fn min_all(t: &Tensor) -> Result<f32> {
+    let flat = t.flatten_all()?;
+    let n = flat.dim(0)?;
+    if n < COUNT_CHUNKS * 64 {
+        return flat.min(0)?.to_scalar();
+    }
+    let len = n / COUNT_CHUNKS;
+    let main = flat.narrow(0, 0, len * COUNT_CHUNKS)?.reshape((COUNT_CHUNKS, len))?.min(1)?.min(0)?;
+    let mut m: f32 = main.to_scalar()?;
+    if len * COUNT_CHUNKS < n {
+        m = m.min(flat.narrow(0, len * COUNT_CHUNKS, n - len * COUNT_CHUNKS)?.min(0)?.to_scalar()?);
+    }
+    Ok(m)
 }
 
 /// Optional activation normalisation (DOMAIN.md §3, dictionary_learning's NormalizableMixin):
@@ -532,6 +585,44 @@ mod tests {
         let v = Tensor::from_vec(vals, (7, 300), &dev).unwrap();
         let k = [1u64, 2, 17, 150, 299, 300, 0];
         assert_eq!(kth_largest(&v, &k).unwrap(), kth_largest_bisect(&v, &k).unwrap());
+        // One row long enough to be counted in chunks, as the batch-level selection's is.
+        let n = COUNT_CHUNKS * 64 + 11;
+        let vals: Vec<f32> = (0..n).map(|i| ((i * 2654435761usize) % 100_003) as f32 / 7.0).collect();
+        let v = Tensor::from_vec(vals, (1, n), &dev).unwrap();
+        for k in [1u64, 1000, n as u64 / 3, n as u64] {
+            assert_eq!(kth_largest(&v, &[k]).unwrap(), kth_largest_bisect(&v, &[k]).unwrap(), "k = {k}");
+        }
+    }
+
+    /// Counting long rows in chunks gives the plain row sums, with and without a remainder, for
+    /// one row and several.
+    #[test]
+    fn chunked_row_counts_are_the_row_sums() {
+        let dev = Device::Cpu;
+        for (rows, n) in
+            [(1usize, 10_000usize), (1, 7 * 64), (3, 1000 * 7 + 5), (2, 5), (1, COUNT_CHUNKS * 64 + 3)]
+        {
+            let bits: Vec<u8> = (0..rows * n).map(|i| u8::from((i * 2654435761) % 7 < 3)).collect();
+            let mask = Tensor::from_vec(bits.clone(), (rows, n), &dev).unwrap();
+            let want: Vec<u64> = bits.chunks(n).map(|r| r.iter().map(|b| u64::from(*b)).sum()).collect();
+            for chunks in [1, 2, 7, 64, 1000, n + 1] {
+                assert_eq!(row_counts_in(&mask, chunks).unwrap(), want, "{rows}×{n} in {chunks}");
+            }
+            assert_eq!(row_counts(&mask).unwrap(), want, "{rows}×{n}");
+        }
+    }
+
+    /// The chunked minimum is the minimum, wherever it lies (remainder included).
+    #[test]
+    fn min_all_finds_the_minimum_anywhere() {
+        for n in [10usize, COUNT_CHUNKS * 64, COUNT_CHUNKS * 64 + 5] {
+            for at in [0, n / 2, n - 1] {
+                let mut v: Vec<f32> = (0..n).map(|i| 1.0 + (i % 97) as f32).collect();
+                v[at] = 0.5;
+                let t = Tensor::from_vec(v, (1, n), &Device::Cpu).unwrap();
+                assert_eq!(min_all(&t).unwrap(), 0.5, "n = {n}, at {at}");
+            }
+        }
     }
 
     #[test]
