@@ -27,7 +27,7 @@
 # Knobs: PIPE_BIN (target/cuda/pipe, unpacked from its .gz; SMOKE: target/release/pipe), PY
 # (python3; SMOKE: /work/.venv-parity/bin/python), DEVICE (cuda:0; SMOKE: cpu), WORK
 # (/tmp/gpu-bench), SHAPES, TRAIN_SHAPE (llama8b), DOCS (160), CACHE_BATCH (32), CACHE_DTYPE (bf16;
-# SMOKE: f32, the CPU has no bf16 matmul; stored bf16 either way), PRECISIONS,
+# SMOKE: f32, faster than bf16 on the CPU; stored bf16 either way), PRECISIONS,
 # TRAIN_F, TRAIN_BATCH, K (100), STEPS_A (3), STEPS_B (13), SKIP_CACHE=1 / SKIP_TRAIN=1.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
