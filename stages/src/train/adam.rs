@@ -42,18 +42,42 @@ impl Adam {
             // Gradients of graphs through decoder norms carry an op history; moments that kept
             // it would chain every step's graph to the next (memory growing without bound).
             let g = g.detach();
-            if self.step_fused_cpu(i, p, &g, lr, bc1, bc2)? {
+            if self.step_fused_cpu(i, p, &g, lr, bc1, bc2)? || self.step_fused_cuda(i, p, &g, lr, bc1, bc2)? {
                 continue;
             }
-            let m = ((&self.m[i] * self.beta1)? + (&g * (1.0 - self.beta1))?)?.detach();
-            let v = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?.detach();
-            let denom = ((v.sqrt()? / bc2.sqrt())? + self.eps)?;
-            let update = ((&m / &denom)? * (lr / bc1))?;
-            p.set(&(p.as_tensor().detach() - update)?.detach())?;
+            let (p_new, m, v) =
+                self.update_tensors(p.as_tensor(), &self.m[i], &self.v[i], &g, lr, bc1, bc2)?;
+            p.set(&p_new)?;
             self.m[i] = m;
             self.v[i] = v;
         }
         Ok(())
+    }
+
+    /// The step's update as candle tensor ops, on any device: the new parameter and moments.
+    #[allow(clippy::too_many_arguments)]
+    fn update_tensors(
+        &self,
+        p: &Tensor,
+        m: &Tensor,
+        v: &Tensor,
+        g: &Tensor,
+        lr: f64,
+        bc1: f64,
+        bc2: f64,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let m = ((m * self.beta1)? + (g * (1.0 - self.beta1))?)?.detach();
+        let v = ((v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?.detach();
+        let denom = ((v.sqrt()? / bc2.sqrt())? + self.eps)?;
+        let update = ((&m / &denom)? * (lr / bc1))?;
+        Ok(((p.detach() - update)?.detach(), m, v))
+    }
+
+    /// The f32 constants of the fused updates: [β₁, 1−β₁, β₂, 1−β₂], 1/√bc2, ε, lr/bc1.
+    fn fused_constants(&self, lr: f64, bc1: f64, bc2: f64) -> ([f32; 4], f32, f32, f32) {
+        let c = |x: f64| x as f32;
+        let betas = [c(self.beta1), c(1.0 - self.beta1), c(self.beta2), c(1.0 - self.beta2)];
+        (betas, c(1.0 / bc2.sqrt()), c(self.eps), c(lr / bc1))
     }
 }
 
@@ -69,9 +93,7 @@ impl Adam {
         if !matches!(p.device(), Device::Cpu) || !all_f32 {
             return Ok(false);
         }
-        let c = |x: f64| x as f32;
-        let (b1, nb1, b2, nb2) = (c(self.beta1), c(1.0 - self.beta1), c(self.beta2), c(1.0 - self.beta2));
-        let (inv_sqrt_bc2, eps, step) = (c(1.0 / bc2.sqrt()), c(self.eps), c(lr / bc1));
+        let ([b1, nb1, b2, nb2], inv_sqrt_bc2, eps, step) = self.fused_constants(lr, bc1, bc2);
         let (gs, gl) = g.storage_and_layout();
         let gv = host(&gs, gl, "gradient")?;
         // In place: the parameter and both moments are each written through their storage.
@@ -103,6 +125,92 @@ impl Adam {
             })
         })?;
         Ok(true)
+    }
+}
+
+impl Adam {
+    /// The CPU update of [`Adam::step_fused_cpu`] as one CUDA kernel (`train::cuda`), for f32
+    /// parameters on a GPU; false (nothing done) elsewhere, in a build without the `cuda`
+    /// feature, or with `PIPE_CUDA_KERNELS=0`. The kernel's first use in a process is checked
+    /// against [`Adam::update_tensors`] on a slice of the step's real gradient; if they differ,
+    /// or the kernel fails, kernels are off for the run (with a warning) and the tensor ops do
+    /// the work.
+    #[allow(unused_variables)]
+    fn step_fused_cuda(
+        &mut self,
+        i: usize,
+        p: &Var,
+        g: &Tensor,
+        lr: f64,
+        bc1: f64,
+        bc2: f64,
+    ) -> Result<bool> {
+        #[cfg(feature = "cuda")]
+        {
+            use super::cuda;
+            if !cuda::enabled() || !p.device().is_cuda() {
+                return Ok(false);
+            }
+            static CHECKED: std::sync::OnceLock<std::result::Result<(), String>> = std::sync::OnceLock::new();
+            if let Err(why) = CHECKED.get_or_init(|| self.check_cuda_kernel(g, lr, bc1, bc2)) {
+                cuda::disable(why);
+                return Ok(false);
+            }
+            let (betas, inv_sqrt_bc2, eps, step) = self.fused_constants(lr, bc1, bc2);
+            match cuda::adam_step(
+                p.as_tensor(),
+                &self.m[i],
+                &self.v[i],
+                g,
+                betas,
+                inv_sqrt_bc2,
+                eps,
+                step,
+                None,
+            ) {
+                Ok(done) => Ok(done),
+                Err(e) => {
+                    cuda::disable(&format!("the Adam kernel failed: {e}"));
+                    Ok(false)
+                }
+            }
+        }
+        #[cfg(not(feature = "cuda"))]
+        Ok(false)
+    }
+
+    /// Runs the Adam kernel and the tensor ops on the first 2²⁰ entries of `g`, with made-up
+    /// nonzero parameter and moments, on one thread block (so the kernel's grid-stride loop
+    /// runs too), and compares the results.
+    #[cfg(feature = "cuda")]
+    fn check_cuda_kernel(&self, g: &Tensor, lr: f64, bc1: f64, bc2: f64) -> std::result::Result<(), String> {
+        let check = || -> Result<Option<f32>> {
+            let len = g.elem_count().min(1 << 20);
+            let g = g.flatten_all()?.narrow(0, 0, len)?.copy()?;
+            let p = ((&g * 3.0)? + 0.5)?;
+            let m = (&g * 0.5)?;
+            let v = (g.sqr()? + 1e-6)?;
+            let (p_ref, m_ref, v_ref) = self.update_tensors(&p, &m, &v, &g, lr, bc1, bc2)?;
+            let (betas, inv_sqrt_bc2, eps, step) = self.fused_constants(lr, bc1, bc2);
+            if !super::cuda::adam_step(&p, &m, &v, &g, betas, inv_sqrt_bc2, eps, step, Some(1))? {
+                return Ok(None);
+            }
+            let mut worst = 0f32;
+            for (got, want) in [(&p, &p_ref), (&m, &m_ref), (&v, &v_ref)] {
+                let diff: f32 = (got - want)?.abs()?.max(0)?.to_scalar()?;
+                let scale: f32 = want.abs()?.max(0)?.to_scalar()?;
+                worst = worst.max(diff / scale.max(f32::MIN_POSITIVE));
+            }
+            Ok(Some(worst))
+        };
+        match check() {
+            Ok(Some(worst)) if worst <= 1e-6 => Ok(()),
+            Ok(Some(worst)) => {
+                Err(format!("the Adam kernel differs from the tensor ops by {worst:e} (relative)"))
+            }
+            Ok(None) => Err("the Adam kernel did not run".into()),
+            Err(e) => Err(format!("the Adam kernel's check failed: {e}")),
+        }
     }
 }
 

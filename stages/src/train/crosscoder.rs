@@ -201,6 +201,16 @@ pub struct LossOut {
 /// exactly: a bisection over the bit patterns, which order non-negative f32 like their values.
 /// Device-agnostic (compare and count only), so it works where sorting wide rows does not.
 pub fn kth_largest(values: &Tensor, k: &[u64]) -> Result<Vec<f32>> {
+    #[cfg(feature = "cuda")]
+    match super::cuda::kth_largest(values, k) {
+        Ok(Some(kth)) => match kth_is_exact(values, k, &kth) {
+            Ok(true) => return Ok(kth),
+            Ok(false) => super::cuda::disable("its k-th value disagreed with a count of the values"),
+            Err(e) => super::cuda::disable(&e.to_string()),
+        },
+        Ok(None) => {}
+        Err(e) => super::cuda::disable(&e.to_string()),
+    }
     if values.device().is_cpu() {
         // Same answer, one selection per row instead of 32 counting passes.
         let v: Vec<Vec<f32>> = values.to_vec2()?;
@@ -220,6 +230,54 @@ pub fn kth_largest(values: &Tensor, k: &[u64]) -> Result<Vec<f32>> {
             .collect());
     }
     kth_largest_bisect(values, k)
+}
+
+/// Whether `kth[r]` is the `k[r]`-th largest value of row r of `values` (R, N), all ≥ 0: at least
+/// k[r] entries are ≥ it and fewer than k[r] are above it (k = 0 or k > N: the conventions of
+/// [`kth_largest`]). Two counting passes, which check a faster selection's answer.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn kth_is_exact(values: &Tensor, k: &[u64], kth: &[f32]) -> Result<bool> {
+    let (rows, n) = values.dims2()?;
+    let at = |t: Vec<f32>| Tensor::from_vec(t, (rows, 1), values.device());
+    // −0 is 0 (its bit pattern would make the next value up negative).
+    let kth: Vec<f32> = kth.iter().map(|t| if *t == 0.0 { 0.0 } else { *t }).collect();
+    let above: Vec<f32> = kth.iter().map(|t| f32::from_bits(t.to_bits().saturating_add(1))).collect();
+    let ge = row_counts(&values.broadcast_ge(&at(kth.clone())?)?)?;
+    let gt = row_counts(&values.broadcast_ge(&at(above)?)?)?;
+    Ok((0..rows).all(|r| match k[r] {
+        0 => kth[r] == f32::INFINITY,
+        k if k > n as u64 => kth[r] == 0.0,
+        k => ge[r] >= k && gt[r] < k && kth[r] >= 0.0,
+    }))
+}
+
+/// The passes of the radix select that finds [`kth_largest`] on the GPU (`train::cuda`), most
+/// significant digit first: (shift, mask of the bits already fixed, digit mask), 11 + 11 + 10
+/// bits of the f32 bit pattern.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) const RADIX_PASSES: [(u32, u32, u32); 3] =
+    [(21, 0, 0x7ff), (10, 0xffe0_0000, 0x7ff), (0, 0xffff_fc00, 0x3ff)];
+
+/// Folds one pass's histogram of a row (the digit's counts among the entries that match
+/// `prefix`) into the search for the `remaining`-th largest of them: fixes the digit in `prefix`
+/// and leaves in `remaining` the rank within that digit.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) fn radix_step(
+    hist: &[u32],
+    (shift, _, digit_mask): (u32, u32, u32),
+    prefix: &mut u32,
+    remaining: &mut u64,
+) {
+    let mut above = 0u64;
+    for d in (0..=digit_mask as usize).rev() {
+        let c = u64::from(hist[d]);
+        if above + c >= *remaining {
+            *prefix |= (d as u32) << shift;
+            *remaining -= above;
+            return;
+        }
+        above += c;
+    }
 }
 
 /// [`kth_largest`] by bisection over bit patterns with compare-and-count passes (any device).
@@ -592,6 +650,44 @@ mod tests {
         for k in [1u64, 1000, n as u64 / 3, n as u64] {
             assert_eq!(kth_largest(&v, &[k]).unwrap(), kth_largest_bisect(&v, &[k]).unwrap(), "k = {k}");
         }
+    }
+
+    /// The GPU's radix select, with the kernel's histograms computed here: the three passes
+    /// find the k-th largest as a selection does, ties and zeros included; the count check
+    /// accepts exactly the right answers.
+    #[test]
+    fn radix_passes_find_the_kth_largest_and_the_check_knows_it() {
+        let n = 5000usize;
+        let mut vals: Vec<f32> = (0..n).map(|i| ((i * 2654435761usize) % 9973) as f32 / 91.0).collect();
+        vals[..300].iter_mut().for_each(|v| *v = 0.0);
+        vals[300..320].iter_mut().for_each(|v| *v = 3.25);
+        vals[320] = -0.0;
+        vals[321] = f32::from_bits(1); // the smallest subnormal
+        let mut sorted = vals.clone();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        let t = Tensor::from_vec(vals.clone(), (1, n), &Device::Cpu).unwrap();
+        for k in [1u64, 2, 19, 20, 21, 777, 4678, 4679, 4680, 4700, n as u64] {
+            let (mut prefix, mut remaining) = (0u32, k);
+            for pass in RADIX_PASSES {
+                let (shift, high, digit) = pass;
+                let mut hist = vec![0u32; 2048];
+                for v in &vals {
+                    let bits = if v.to_bits() >> 31 != 0 { 0 } else { v.to_bits() };
+                    if bits & high == prefix {
+                        hist[((bits >> shift) & digit) as usize] += 1;
+                    }
+                }
+                radix_step(&hist, pass, &mut prefix, &mut remaining);
+            }
+            let want = sorted[k as usize - 1].max(0.0);
+            assert_eq!(f32::from_bits(prefix), want, "k = {k}");
+            assert!(kth_is_exact(&t, &[k], &[want]).unwrap(), "k = {k}");
+            let wrong = if want > 0.0 { f32::from_bits(want.to_bits() - 1) } else { 1e-3 };
+            assert!(!kth_is_exact(&t, &[k], &[wrong]).unwrap(), "k = {k}: {wrong} accepted");
+        }
+        let two = Tensor::from_vec([vals.clone(), vals].concat(), (2, n), &Device::Cpu).unwrap();
+        assert!(kth_is_exact(&two, &[0, n as u64 + 1], &[f32::INFINITY, 0.0]).unwrap());
+        assert!(!kth_is_exact(&two, &[0, n as u64 + 1], &[0.0, 0.0]).unwrap());
     }
 
     /// Counting long rows in chunks gives the plain row sums, with and without a remainder, for

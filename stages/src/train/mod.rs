@@ -1,9 +1,12 @@
 //! Crosscoder training (DOMAIN.md §2–§4): the model and its losses ([`crosscoder`]), Adam with
-//! torch semantics ([`adam`]), the CPU step with hand-written gradients ([`cpu`]), and the `train` stage ([`stage`]).
+//! torch semantics ([`adam`]), the CPU step with hand-written gradients ([`cpu`]), the CUDA kernels (`cuda`, with the `cuda`
+//! feature), and the `train` stage ([`stage`]).
 
 pub mod adam;
 pub mod cpu;
 pub mod crosscoder;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod import;
 pub mod stage;
 

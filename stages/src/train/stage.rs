@@ -600,7 +600,8 @@ pub fn train(
 
     let mut cc =
         Crosscoder::init(d, f, Some(norm_init), p.code_normalization, p.seed, &device).map_err(candle)?;
-    // `precision` acts on CUDA only: the CPU has neither TF32 nor bf16 matmuls, and runs f32.
+    // `precision` acts on CUDA only: the CPU has no TF32, its bf16 matmul only widens to f32,
+    // and the CPU step (`train::cpu`) runs f32.
     let cuda = device.is_cuda();
     if cuda && p.precision == Precision::Bf16 {
         cc.matmul_dtype = DType::BF16;
