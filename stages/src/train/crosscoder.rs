@@ -197,9 +197,11 @@ pub struct LossOut {
     pub x_hat: Tensor,
 }
 
-/// Per row of `values` (R, N), all ≥ 0, the `k[r]`-th largest value (0 when k = 0 or k > N),
-/// exactly: a bisection over the bit patterns, which order non-negative f32 like their values.
-/// Device-agnostic (compare and count only), so it works where sorting wide rows does not.
+/// Per row of `values` (R, N), all ≥ 0, the `k[r]`-th largest value (+∞ when k = 0, 0 when
+/// k > N), exactly. On the CPU a selection; on CUDA the radix-select kernel of `train::cuda`
+/// (cuda builds), its answer checked by [`kth_is_exact`]; otherwise, or if the kernel fails, a
+/// bisection over the bit patterns, which order non-negative f32 like their values: compare and
+/// count only, so it works on any device, where sorting wide rows does not.
 pub fn kth_largest(values: &Tensor, k: &[u64]) -> Result<Vec<f32>> {
     #[cfg(feature = "cuda")]
     match super::cuda::kth_largest(values, k) {
