@@ -196,6 +196,11 @@ if [[ "${SKIP_TRAIN:-0}" != 1 ]]; then
 fi
 
 say "results"
+# pipe's own CUDA kernels (train) check themselves and turn off with a warning on a mismatch.
+if grep -l "CUDA kernels are off" "$WORK"/*-pipe-*.log 2> /dev/null; then
+    echo "pipe's CUDA kernels turned themselves off in the runs above (their logs say why):"
+    grep -h "CUDA kernels are off" "$WORK"/*-pipe-*.log | sort -u
+fi
 "$PY" - "$WORK" "$STEPS_A" "$STEPS_B" "$PRECISIONS" "$TRAIN_SHAPE" <<'EOF'
 import glob, json, os, sys
 work, a, b, precisions, train_shape = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4].split(), sys.argv[5]
