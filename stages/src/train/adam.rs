@@ -10,6 +10,19 @@ use rayon::prelude::*;
 
 use super::cpu::{host, with_host_mut};
 
+/// The f32 constants of one Adam step as the fused updates use them, each rounded once from
+/// f64: β₁, 1−β₁, β₂, 1−β₂, 1/√(1−β₂ᵗ), ε and lr/(1−β₁ᵗ).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FusedConstants {
+    pub b1: f32,
+    pub nb1: f32,
+    pub b2: f32,
+    pub nb2: f32,
+    pub inv_sqrt_bc2: f32,
+    pub eps: f32,
+    pub step: f32,
+}
+
 pub struct Adam {
     pub beta1: f64,
     pub beta2: f64,
@@ -73,11 +86,18 @@ impl Adam {
         Ok(((p.detach() - update)?.detach(), m, v))
     }
 
-    /// The f32 constants of the fused updates: [β₁, 1−β₁, β₂, 1−β₂], 1/√bc2, ε, lr/bc1.
-    fn fused_constants(&self, lr: f64, bc1: f64, bc2: f64) -> ([f32; 4], f32, f32, f32) {
+    /// The f32 constants of the fused updates (CPU and CUDA).
+    fn fused_constants(&self, lr: f64, bc1: f64, bc2: f64) -> FusedConstants {
         let c = |x: f64| x as f32;
-        let betas = [c(self.beta1), c(1.0 - self.beta1), c(self.beta2), c(1.0 - self.beta2)];
-        (betas, c(1.0 / bc2.sqrt()), c(self.eps), c(lr / bc1))
+        FusedConstants {
+            b1: c(self.beta1),
+            nb1: c(1.0 - self.beta1),
+            b2: c(self.beta2),
+            nb2: c(1.0 - self.beta2),
+            inv_sqrt_bc2: c(1.0 / bc2.sqrt()),
+            eps: c(self.eps),
+            step: c(lr / bc1),
+        }
     }
 }
 
@@ -93,7 +113,7 @@ impl Adam {
         if !matches!(p.device(), Device::Cpu) || !all_f32 {
             return Ok(false);
         }
-        let ([b1, nb1, b2, nb2], inv_sqrt_bc2, eps, step) = self.fused_constants(lr, bc1, bc2);
+        let FusedConstants { b1, nb1, b2, nb2, inv_sqrt_bc2, eps, step } = self.fused_constants(lr, bc1, bc2);
         let (gs, gl) = g.storage_and_layout();
         let gv = host(&gs, gl, "gradient")?;
         // In place: the parameter and both moments are each written through their storage.
@@ -156,18 +176,8 @@ impl Adam {
                 cuda::disable(why);
                 return Ok(false);
             }
-            let (betas, inv_sqrt_bc2, eps, step) = self.fused_constants(lr, bc1, bc2);
-            match cuda::adam_step(
-                p.as_tensor(),
-                &self.m[i],
-                &self.v[i],
-                g,
-                betas,
-                inv_sqrt_bc2,
-                eps,
-                step,
-                None,
-            ) {
+            let consts = self.fused_constants(lr, bc1, bc2);
+            match cuda::adam_step(p.as_tensor(), &self.m[i], &self.v[i], g, &consts, None) {
                 Ok(done) => Ok(done),
                 Err(e) => {
                     cuda::disable(&format!("the Adam kernel failed: {e}"));
@@ -191,8 +201,8 @@ impl Adam {
             let m = (&g * 0.5)?;
             let v = (g.sqr()? + 1e-6)?;
             let (p_ref, m_ref, v_ref) = self.update_tensors(&p, &m, &v, &g, lr, bc1, bc2)?;
-            let (betas, inv_sqrt_bc2, eps, step) = self.fused_constants(lr, bc1, bc2);
-            if !super::cuda::adam_step(&p, &m, &v, &g, betas, inv_sqrt_bc2, eps, step, Some(1))? {
+            let consts = self.fused_constants(lr, bc1, bc2);
+            if !super::cuda::adam_step(&p, &m, &v, &g, &consts, Some(1))? {
                 return Ok(None);
             }
             let mut worst = 0f32;

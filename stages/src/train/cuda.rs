@@ -120,16 +120,12 @@ fn with_cuda_mut(
 /// `v`, updated in place: one pass over memory instead of candle's dozen. The arithmetic is
 /// [`super::adam::Adam`]'s CPU update, operation for operation, in the same roundings. `blocks`
 /// overrides the grid size (the check runs on one block).
-#[allow(clippy::too_many_arguments)]
-pub fn adam_step(
+pub(crate) fn adam_step(
     p: &Tensor,
     m: &Tensor,
     v: &Tensor,
     g: &Tensor,
-    [b1, nb1, b2, nb2]: [f32; 4],
-    inv_sqrt_bc2: f32,
-    eps: f32,
-    step: f32,
+    c: &super::adam::FusedConstants,
     blocks: Option<u32>,
 ) -> Result<bool> {
     let all = [p, m, v, g];
@@ -158,7 +154,14 @@ pub fn adam_step(
                     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
                 let mut launch = func.builder();
                 launch.arg(&mut pv).arg(&mut mv).arg(&mut vv).arg(&g_view).arg(&n);
-                launch.arg(&b1).arg(&nb1).arg(&b2).arg(&nb2).arg(&inv_sqrt_bc2).arg(&eps).arg(&step);
+                launch
+                    .arg(&c.b1)
+                    .arg(&c.nb1)
+                    .arg(&c.b2)
+                    .arg(&c.nb2)
+                    .arg(&c.inv_sqrt_bc2)
+                    .arg(&c.eps)
+                    .arg(&c.step);
                 // SAFETY: the arguments match the kernel's signature in kernels.cu (four f32
                 // buffers of n entries, n as u64, eight f32 scalars); the grid-stride loop stays
                 // below n.
