@@ -181,7 +181,8 @@ if [[ "${SKIP_TRAIN:-0}" != 1 ]]; then
         for steps in "$STEPS_A" "$STEPS_B"; do
             say "train: pipe, $precision, $steps steps"
             set_train=(--set "stages.train.precision=\"$precision\"" --set "stages.train.max_steps=$steps")
-            timed "train-pipe-$precision-$steps" "$PIPE_BIN" -q --datastore "$WORK/ds-$shape" run "$WORK/$shape.toml" \
+            # The train stage's info lines (the sparse step's check) go to the log too.
+            timed "train-pipe-$precision-$steps" env RUST_LOG=warn,stages::train=info "$PIPE_BIN" -q --datastore "$WORK/ds-$shape" run "$WORK/$shape.toml" \
                 --only train --devices "$DEVICE" "${set_train[@]}"
             "$PIPE_BIN" -q --datastore "$WORK/ds-$shape" show "$WORK/$shape.toml" train --json "${set_train[@]}" \
                 > "$WORK/train-pipe-$precision-$steps.json"
@@ -196,11 +197,16 @@ if [[ "${SKIP_TRAIN:-0}" != 1 ]]; then
 fi
 
 say "results"
-# pipe's own CUDA kernels (train) check themselves and turn off with a warning on a mismatch.
+# pipe's own CUDA kernels (train) check themselves and turn off with a warning on a mismatch; the
+# sparse BatchTopK step is checked against autograd on each run's first batch (that batch's time
+# is in both runs of a pair, so it cancels out of steps/s).
 if grep -l "CUDA kernels are off" "$WORK"/*-pipe-*.log 2> /dev/null; then
     echo "pipe's CUDA kernels turned themselves off in the runs above (their logs say why):"
     grep -h "CUDA kernels are off" "$WORK"/*-pipe-*.log | sort -u
 fi
+echo "runs whose sparse BatchTopK step matched autograd on the first batch:" \
+    "$(grep -l "sparse BatchTopK step agrees" "$WORK"/train-pipe-*.log 2> /dev/null | wc -l)" \
+    "of $(ls "$WORK"/train-pipe-*.log 2> /dev/null | wc -l)"
 "$PY" - "$WORK" "$STEPS_A" "$STEPS_B" "$PRECISIONS" "$TRAIN_SHAPE" <<'EOF'
 import glob, json, os, sys
 work, a, b, precisions, train_shape = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4].split(), sys.argv[5]

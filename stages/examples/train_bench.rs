@@ -28,7 +28,7 @@ use engine::progress::Progress;
 use stages::cache::ActivationCache;
 use stages::cache::format::{CacheBuilder, StoreDtype};
 use stages::rng::SplitMix64;
-use stages::train::{TrainEnv, TrainParams, train};
+use stages::train::{StepPath, TrainEnv, TrainParams, train};
 
 const ATOMS: usize = 1024;
 const ACTIVE: usize = 16;
@@ -108,8 +108,15 @@ fn run(dir: &Path, loss: &str, steps: u64, extra: &[String]) {
         out_dir: env_dirs.1,
         progress: Progress::detached("train"),
         cancelled: &never,
-        // TRAIN_BENCH_AUTOGRAD=1: candle's autograd instead of the CPU step (before/after comparisons).
-        autograd: std::env::var("TRAIN_BENCH_AUTOGRAD").is_ok_and(|v| v == "1"),
+        // TRAIN_BENCH_AUTOGRAD=1: candle's autograd instead of the CPU step (before/after
+        // comparisons); TRAIN_BENCH_SPARSE=1: the GPU's sparse BatchTopK step.
+        step: if std::env::var("TRAIN_BENCH_AUTOGRAD").is_ok_and(|v| v == "1") {
+            StepPath::Autograd
+        } else if std::env::var("TRAIN_BENCH_SPARSE").is_ok_and(|v| v == "1") {
+            StepPath::Sparse
+        } else {
+            StepPath::Auto
+        },
     };
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -134,7 +141,7 @@ fn run(dir: &Path, loss: &str, steps: u64, extra: &[String]) {
     let (hwm, _, _) = mem();
     let get = |k: &str| summary.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     let out = serde_json::json!({
-        "impl": if env.autograd { "pipe-autograd" } else { "pipe" }, "loss": loss, "steps": steps, "tokens_in_store": tokens, "seconds": secs,
+        "impl": match env.step { StepPath::Autograd => "pipe-autograd", StepPath::Sparse => "pipe-sparse", StepPath::Auto => "pipe" }, "loss": loss, "steps": steps, "tokens_in_store": tokens, "seconds": secs,
         "steps_per_s": steps as f64 / secs, "vm_hwm": hwm, "peak_rss_anon": anon, "peak_rss_file": file,
         "final_loss": get("train/loss"), "final_l0": get("train/l0"),
         "final_fve": get("train/frac_variance_explained"),

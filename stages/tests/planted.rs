@@ -12,7 +12,7 @@ use engine::progress::Progress;
 use stages::cache::ActivationCache;
 use stages::cache::format::{CacheBuilder, StoreDtype};
 use stages::rng::SplitMix64;
-use stages::train::{TrainEnv, TrainParams, load_crosscoder, train};
+use stages::train::{StepPath, TrainEnv, TrainParams, load_crosscoder, train};
 
 const D: usize = 16;
 const SHARED: usize = 10;
@@ -66,6 +66,17 @@ fn write_cache(dir: &Path, atoms: &[Vec<f32>], tokens: usize, seed: u64) -> Acti
 
 #[test]
 fn batchtopk_recovers_planted_atoms_and_their_classes() {
+    planted(StepPath::Auto);
+}
+
+/// The same through the sparse step that CUDA runs (here with the CPU step's loops as its
+/// kernels), checked against autograd on the first batch: the GPU's host side, end to end.
+#[test]
+fn the_sparse_step_recovers_them_too() {
+    planted(StepPath::Sparse);
+}
+
+fn planted(step: StepPath) {
     let tmp = tempfile::tempdir().unwrap();
     let atoms = atoms(&mut SplitMix64::new(7));
     let caches = vec![
@@ -86,7 +97,7 @@ fn batchtopk_recovers_planted_atoms_and_their_classes() {
         out_dir: out.clone(),
         progress: Progress::detached("train"),
         cancelled: &never,
-        autograd: false,
+        step,
     };
     std::fs::create_dir_all(&env.work_dir).unwrap();
     train(&p, caches, Vec::new(), &env).unwrap();

@@ -225,7 +225,7 @@ pub fn clip_grad_norm(grads: &mut [Vec<f32>], max_norm: f64) -> f64 {
 }
 
 /// The crosscoder's weights, borrowed: `we` (2d, F), `be` (F), `wd` (2, F, d), `bd` (2d).
-struct Weights<'a> {
+pub(super) struct Weights<'a> {
     we: &'a [f32],
     be: &'a [f32],
     wd: &'a [f32],
@@ -242,7 +242,7 @@ impl Weights<'_> {
 }
 
 /// Runs `body` with the crosscoder's weights borrowed from their storage (no copy).
-fn with_weights<R>(cc: &Crosscoder, body: impl FnOnce(&Weights) -> Result<R>) -> Result<R> {
+pub(super) fn with_weights<R>(cc: &Crosscoder, body: impl FnOnce(&Weights) -> Result<R>) -> Result<R> {
     let guards: Vec<_> = cc.vars().iter().map(|v| v.as_tensor().storage_and_layout()).collect();
     let s = |i: usize| host(&guards[i].0, guards[i].1, Crosscoder::NAMES[i]);
     let w = Weights { we: s(0)?, be: s(1)?, wd: s(2)?, bd: s(3)?, d: cc.d, f: cc.f };
@@ -439,7 +439,7 @@ fn select_rows(post: &[f32], c: &[f32], dead: &[bool], k: usize) -> Sparse {
 }
 
 /// Σ_j f_bj d_j (+ b_dec when `bias`): (B, 2d).
-fn decode_sparse(codes: &Sparse, w: &Weights, bias: bool) -> Vec<f32> {
+pub(super) fn decode_sparse(codes: &Sparse, w: &Weights, bias: bool) -> Vec<f32> {
     let (d, width) = (w.d, 2 * w.d);
     let mut out = vec![0f32; codes.rows() * width];
     out.par_chunks_mut(width).enumerate().for_each(|(r, row)| {
@@ -474,7 +474,7 @@ fn recon(x: &[f32], x_hat: &[f32], b: usize, d: usize) -> (f32, Vec<f32>, Vec<f3
 }
 
 /// For each kept entry (b, j): ⟨U_b, d_j⟩, the gradient of the code given U = ∂L/∂(decoder output).
-fn code_grads(codes: &Sparse, u: &[f32], w: &Weights) -> Vec<f32> {
+pub(super) fn code_grads(codes: &Sparse, u: &[f32], w: &Weights) -> Vec<f32> {
     let (d, width) = (w.d, 2 * w.d);
     let rows: Vec<Vec<f32>> = (0..codes.rows())
         .into_par_iter()
@@ -497,13 +497,13 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// The kept entries of several code matrices grouped by latent (CSC), in matrix then row order:
 /// `(matrix, row, entry index)` for latent j at `entries[start[j]..start[j + 1]]`.
-struct ByLatent {
-    start: Vec<usize>,
-    entries: Vec<(u8, u32, u32)>,
+pub(super) struct ByLatent {
+    pub(super) start: Vec<usize>,
+    pub(super) entries: Vec<(u8, u32, u32)>,
 }
 
 impl ByLatent {
-    fn new(codes: &[&Sparse], f: usize) -> ByLatent {
+    pub(super) fn new(codes: &[&Sparse], f: usize) -> ByLatent {
         let mut start = vec![0usize; f + 1];
         for c in codes {
             c.cols.iter().for_each(|j| start[*j as usize + 1] += 1);
@@ -531,7 +531,23 @@ impl ByLatent {
 /// ∂L/∂W_enc[:, j] += g_bj · x_b (g_m = ∂L/∂pre at the entries) and ∂L/∂b_enc[j] += g_bj.
 /// The encoder's columns are built as rows of its transpose (contiguous), then transposed.
 #[allow(clippy::too_many_arguments)]
-fn sparse_backward(
+pub(super) fn sparse_backward(
+    codes: &[&Sparse],
+    upstream: &[&[f32]],
+    dpre: &[&[f32]],
+    x: &[f32],
+    w: &Weights,
+    dwd: &mut [f32],
+    dwe: &mut [f32],
+    dbe: &mut [f32],
+) {
+    sparse_backward_by(&ByLatent::new(codes, w.f), codes, upstream, dpre, x, w, dwd, dwe, dbe);
+}
+
+/// [`sparse_backward`] with the entries already grouped by latent (`by`, from `codes`).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn sparse_backward_by(
+    by: &ByLatent,
     codes: &[&Sparse],
     upstream: &[&[f32]],
     dpre: &[&[f32]],
@@ -542,7 +558,6 @@ fn sparse_backward(
     dbe: &mut [f32],
 ) {
     let (d, f, width) = (w.d, w.f, 2 * w.d);
-    let by = ByLatent::new(codes, f);
     let mut dwe_t = vec![0f32; f * width];
     let (base, chat) = dwd.split_at_mut(f * d);
     base.par_chunks_mut(d)

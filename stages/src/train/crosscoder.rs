@@ -316,7 +316,7 @@ fn kth_largest_bisect(values: &Tensor, k: &[u64]) -> Result<Vec<f32>> {
 /// (one row of B·F = 268M entries at the paper's sizes, 31 passes a step) would each run on one
 /// streaming multiprocessor. Rows that long are counted in [`COUNT_CHUNKS`] chunks each, whose
 /// sums (u32, exact) are added on the host in u64. The counts are the same either way.
-fn row_counts(mask: &Tensor) -> Result<Vec<u64>> {
+pub(crate) fn row_counts(mask: &Tensor) -> Result<Vec<u64>> {
     let (rows, n) = mask.dims2()?;
     let chunks = if rows < COUNT_CHUNKS && n >= COUNT_CHUNKS * 64 { COUNT_CHUNKS } else { 1 };
     row_counts_in(mask, chunks)

@@ -172,3 +172,269 @@ pub(crate) fn adam_step(
     })?;
     Ok(true)
 }
+
+/// A contiguous CUDA tensor's storage, held for reading while a kernel uses it, and its range.
+struct Held<'a> {
+    guard: candle_core::StorageRef<'a>,
+    range: std::ops::Range<usize>,
+}
+
+impl<'a> Held<'a> {
+    /// `t` must be contiguous (callers pass `.contiguous()` copies).
+    fn new(t: &'a Tensor, name: &str) -> Result<Held<'a>> {
+        let (guard, layout) = t.storage_and_layout();
+        let Some((a, b)) = layout.contiguous_offsets() else {
+            candle_core::bail!("sparse step: `{name}` is not contiguous");
+        };
+        if !matches!(&*guard, Storage::Cuda(_)) {
+            candle_core::bail!("sparse step: `{name}` is not on a CUDA device");
+        }
+        Ok(Held { guard, range: a..b })
+    }
+
+    fn storage(&self) -> &CudaStorage {
+        match &*self.guard {
+            Storage::Cuda(s) => s,
+            _ => unreachable!("checked in Held::new"),
+        }
+    }
+
+    fn view<T: candle_core::cuda::CudaDType>(
+        &self,
+    ) -> Result<candle_core::cuda::cudarc::driver::CudaView<'_, T>> {
+        Ok(self.storage().as_cuda_slice::<T>()?.slice(self.range.clone()))
+    }
+}
+
+/// A tensor of `shape` over a kernel's output buffer (allocated with at least one entry; the
+/// first `len` are the tensor).
+fn wrap<T: candle_core::cuda::CudaDType>(
+    buf: CudaSlice<T>,
+    device: &CudaDevice,
+    len: usize,
+    shape: impl Into<candle_core::Shape>,
+) -> Result<Tensor> {
+    let all = buf.len();
+    let t = Tensor::from_storage(
+        Storage::Cuda(CudaStorage::wrap_cuda_slice(buf, device.clone())),
+        all,
+        candle_core::op::BackpropOp::none(),
+        false,
+    );
+    t.narrow(0, 0, len)?.reshape(shape)
+}
+
+fn launch_failed(e: impl std::error::Error + Send + Sync + 'static) -> candle_core::Error {
+    candle_core::Error::Cuda(Box::new(e))
+}
+
+/// `sparse::compact` on CUDA (`pipe_compact_f32`): the CSR columns and values of the kept entries
+/// of `scaled` (rows, n), with the host's per-row thresholds, tie quotas and offsets. The kernel's
+/// count of each row is checked against the host's.
+pub(crate) fn compact(
+    post: &Tensor,
+    scaled: &Tensor,
+    thresh: &[f32],
+    take: &[u32],
+    offsets: &[u32],
+    offsets_dev: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let (rows, n) = scaled.dims2()?;
+    let (post, scaled, offsets_dev) = (post.contiguous()?, scaled.contiguous()?, offsets_dev.contiguous()?);
+    let (hp, hs, ho) =
+        (Held::new(&post, "post")?, Held::new(&scaled, "scaled")?, Held::new(&offsets_dev, "offsets")?);
+    let device = hs.storage().device().clone();
+    let total = offsets[rows] as usize;
+    let thresh_dev = device.clone_htod(thresh)?;
+    let take_dev = device.clone_htod(take)?;
+    let mut cols = device.alloc_zeros::<u32>(total.max(1))?;
+    let mut vals = device.alloc_zeros::<f32>(total.max(1))?;
+    let mut written = device.alloc_zeros::<u32>(rows.max(1))?;
+    let func = device.get_or_load_custom_func("pipe_compact_f32", MODULE, PTX)?;
+    let n32 = u32::try_from(n).map_err(|_| candle_core::Error::Msg("sparse step: rows too wide".into()))?;
+    {
+        let (vs, vp, vo) = (hs.view::<f32>()?, hp.view::<f32>()?, ho.view::<u32>()?);
+        let mut launch = func.builder();
+        launch.arg(&vs).arg(&vp).arg(&thresh_dev).arg(&take_dev).arg(&vo).arg(&n32);
+        launch.arg(&mut cols).arg(&mut vals).arg(&mut written);
+        let cfg =
+            LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the arguments match `pipe_compact_f32` in kernels.cu: rows × n f32 scaled and
+        // post values, rows f32 thresholds, rows u32 quotas, rows + 1 u32 offsets, n as u32, then
+        // `total` u32 columns and f32 values (at least one) and rows u32 counts; the kernel
+        // writes row r's entries below offsets[r + 1] only.
+        unsafe { launch.launch(cfg) }.map_err(launch_failed)?;
+    }
+    let written = device.clone_dtoh(&written)?;
+    for r in 0..rows {
+        let want = offsets[r + 1] - offsets[r];
+        if written[r] != want {
+            candle_core::bail!(
+                "the compaction kernel kept {} codes of row {r} where the counts say {want}",
+                written[r]
+            );
+        }
+    }
+    Ok((wrap(cols, &device, total, total)?, wrap(vals, &device, total, total)?))
+}
+
+/// `sparse::decode` on CUDA (`pipe_decode_f32`): (rows, 2d) from the CSR entries and the decoder
+/// (2, f, d), plus its bias (2, d) when `bias`.
+pub(crate) fn sparse_decode(
+    offsets: &Tensor,
+    cols: &Tensor,
+    vals: &Tensor,
+    w_dec: &Tensor,
+    b_dec: &Tensor,
+    bias: bool,
+    (rows, f, d): (usize, usize, usize),
+) -> Result<Tensor> {
+    let (offsets, cols, vals) = (offsets.contiguous()?, cols.contiguous()?, vals.contiguous()?);
+    let (w_dec, b_dec) = (w_dec.contiguous()?, b_dec.contiguous()?);
+    let ho = Held::new(&offsets, "offsets")?;
+    let (hc, hv) = (Held::new(&cols, "cols")?, Held::new(&vals, "vals")?);
+    let (hw, hb) = (Held::new(&w_dec, "decoder.weight")?, Held::new(&b_dec, "decoder.bias")?);
+    let device = hw.storage().device().clone();
+    let len = rows * 2 * d;
+    let mut out = device.alloc_zeros::<f32>(len.max(1))?;
+    let func = device.get_or_load_custom_func("pipe_decode_f32", MODULE, PTX)?;
+    let (use_bias, f32_, d32) = (u32::from(bias), f as u32, d as u32);
+    {
+        let (vo, vc, vv, vw, vb) =
+            (ho.view::<u32>()?, hc.view::<u32>()?, hv.view::<f32>()?, hw.view::<f32>()?, hb.view::<f32>()?);
+        let mut launch = func.builder();
+        launch.arg(&vo).arg(&vc).arg(&vv).arg(&vw).arg(&vb).arg(&use_bias).arg(&f32_).arg(&d32);
+        launch.arg(&mut out);
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the arguments match `pipe_decode_f32`: rows + 1 u32 offsets, u32 columns below
+        // f and f32 values indexed by them, the (2, f, d) decoder, its (2, d) bias, three u32
+        // scalars, and rows × 2d f32 outputs, each written by one thread.
+        unsafe { launch.launch(cfg) }.map_err(launch_failed)?;
+    }
+    wrap(out, &device, len, (rows, 2 * d))
+}
+
+/// `sparse::code_grads` on CUDA (`pipe_code_grads_f32`): ⟨u_b, d_j⟩ for each CSR entry (b, j),
+/// u (rows, 2d).
+pub(crate) fn sparse_code_grads(
+    offsets: &Tensor,
+    cols: &Tensor,
+    u: &Tensor,
+    w_dec: &Tensor,
+    (rows, f, d): (usize, usize, usize),
+) -> Result<Tensor> {
+    let (offsets, cols, u, w_dec) =
+        (offsets.contiguous()?, cols.contiguous()?, u.contiguous()?, w_dec.contiguous()?);
+    let n = cols.elem_count();
+    let (ho, hc) = (Held::new(&offsets, "offsets")?, Held::new(&cols, "cols")?);
+    let (hu, hw) = (Held::new(&u, "upstream")?, Held::new(&w_dec, "decoder.weight")?);
+    let device = hw.storage().device().clone();
+    let mut out = device.alloc_zeros::<f32>(n.max(1))?;
+    let func = device.get_or_load_custom_func("pipe_code_grads_f32", MODULE, PTX)?;
+    let (f32_, d32) = (f as u32, d as u32);
+    {
+        let (vo, vc, vu, vw) = (ho.view::<u32>()?, hc.view::<u32>()?, hu.view::<f32>()?, hw.view::<f32>()?);
+        let mut launch = func.builder();
+        launch.arg(&vo).arg(&vc).arg(&vu).arg(&vw).arg(&f32_).arg(&d32).arg(&mut out);
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the arguments match `pipe_code_grads_f32`: rows + 1 u32 offsets over n u32
+        // columns below f, rows × 2d f32 upstream values, the (2, f, d) decoder, two u32 scalars
+        // and n f32 outputs, entry e written by the one warp that owns it.
+        unsafe { launch.launch(cfg) }.map_err(launch_failed)?;
+    }
+    wrap(out, &device, n, n)
+}
+
+/// The kept entries of the step's code matrices grouped by latent (cpu.rs's `ByLatent`), on the
+/// device: latent j's entries are `start[j]..start[j + 1]`, each with its row, its index in the
+/// concatenated values, and its matrix (0 the training codes, 1 the auxiliary ones).
+pub(crate) struct ByLatentDev {
+    pub start: Tensor,
+    pub rows: Tensor,
+    pub idx: Tensor,
+    pub mat: Tensor,
+}
+
+/// `sparse::backward` on CUDA (`pipe_sparse_backward_f32`, then `pipe_transpose_f32` for the
+/// encoder): the gradients of the decoder (2, f, d), the encoder (2, d, f) and its bias (f).
+pub(crate) fn sparse_backward(
+    by: &ByLatentDev,
+    vals: &Tensor,
+    dpre: &Tensor,
+    upstream: [&Tensor; 2],
+    x: &Tensor,
+    w_dec: &Tensor,
+    (f, d): (usize, usize),
+) -> Result<[Tensor; 3]> {
+    let c = |t: &Tensor| t.contiguous();
+    let (start, rows, idx, mat) = (c(&by.start)?, c(&by.rows)?, c(&by.idx)?, c(&by.mat)?);
+    let (vals, dpre, up0, up1, x) = (c(vals)?, c(dpre)?, c(upstream[0])?, c(upstream[1])?, c(x)?);
+    let held = [
+        Held::new(&start, "start")?,
+        Held::new(&rows, "rows")?,
+        Held::new(&idx, "idx")?,
+        Held::new(&mat, "mat")?,
+        Held::new(&vals, "vals")?,
+        Held::new(&dpre, "dpre")?,
+        Held::new(&up0, "upstream")?,
+        Held::new(&up1, "auxiliary upstream")?,
+        Held::new(&x, "x")?,
+    ];
+    let device = match w_dec.device() {
+        candle_core::Device::Cuda(d) => d.clone(),
+        _ => candle_core::bail!("sparse step: the decoder is not on a CUDA device"),
+    };
+    let width = 2 * d;
+    if f.div_ceil(32) > 65_535 {
+        candle_core::bail!("sparse step: {f} latents are more than the transpose's grid takes");
+    }
+    let mut dwd = device.alloc_zeros::<f32>((2 * f * d).max(1))?;
+    let mut dwe_t = device.alloc_zeros::<f32>((f * width).max(1))?;
+    let mut dbe = device.alloc_zeros::<f32>(f.max(1))?;
+    let (f32_, d32) = (f as u32, d as u32);
+    {
+        let [h_start, h_rows, h_idx, h_mat, h_vals, h_dpre, h_up0, h_up1, h_x] = &held;
+        let (v_start, v_rows, v_idx, v_mat) =
+            (h_start.view::<u32>()?, h_rows.view::<u32>()?, h_idx.view::<u32>()?, h_mat.view::<u32>()?);
+        let (v_vals, v_dpre, v_up0, v_up1, v_x) = (
+            h_vals.view::<f32>()?,
+            h_dpre.view::<f32>()?,
+            h_up0.view::<f32>()?,
+            h_up1.view::<f32>()?,
+            h_x.view::<f32>()?,
+        );
+        let func = device.get_or_load_custom_func("pipe_sparse_backward_f32", MODULE, PTX)?;
+        let mut launch = func.builder();
+        launch.arg(&v_start).arg(&v_rows).arg(&v_idx).arg(&v_mat).arg(&v_vals).arg(&v_dpre);
+        launch.arg(&v_up0).arg(&v_up1).arg(&v_x).arg(&f32_).arg(&d32);
+        launch.arg(&mut dwd).arg(&mut dwe_t).arg(&mut dbe);
+        let cfg = LaunchConfig { grid_dim: (f as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the arguments match `pipe_sparse_backward_f32`: f + 1 u32 starts over the u32
+        // rows, indices and matrices of the grouped entries (rows below B, indices below the
+        // concatenated values' length), the f32 values and code gradients, two (B, 2d) upstream
+        // buffers and x, two u32 scalars, then (2, f, d), (f, 2d) and (f) f32 outputs, every
+        // entry written by exactly one thread of latent j's block.
+        unsafe { launch.launch(cfg) }.map_err(launch_failed)?;
+    }
+    drop(held);
+    let mut dwe = device.alloc_zeros::<f32>((f * width).max(1))?;
+    {
+        let func = device.get_or_load_custom_func("pipe_transpose_f32", MODULE, PTX)?;
+        let (r32, c32) = (f as u32, width as u32);
+        let mut launch = func.builder();
+        launch.arg(&dwe_t).arg(&r32).arg(&c32).arg(&mut dwe);
+        let cfg = LaunchConfig {
+            grid_dim: (width.div_ceil(32) as u32, f.div_ceil(32) as u32, 1),
+            block_dim: (32, 8, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: `pipe_transpose_f32` reads the f × 2d input and writes the 2d × f output, each
+        // index checked against the sizes.
+        unsafe { launch.launch(cfg) }.map_err(launch_failed)?;
+    }
+    Ok([
+        wrap(dwd, &device, 2 * f * d, (2, f, d))?,
+        wrap(dwe, &device, f * width, (2, d, f))?,
+        wrap(dbe, &device, f, f)?,
+    ])
+}

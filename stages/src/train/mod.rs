@@ -1,6 +1,7 @@
 //! Crosscoder training (DOMAIN.md §2–§4): the model and its losses ([`crosscoder`]), Adam with
-//! torch semantics ([`adam`]), the CPU step with hand-written gradients ([`cpu`]), the CUDA kernels (`cuda`, with the `cuda`
-//! feature), and the `train` stage ([`stage`]).
+//! torch semantics ([`adam`]), the CPU step with hand-written gradients ([`cpu`]), the sparse
+//! BatchTopK step for GPUs ([`sparse`]), the CUDA kernels (`cuda`, with the `cuda` feature), and
+//! the `train` stage ([`stage`]).
 
 pub mod adam;
 pub mod cpu;
@@ -8,10 +9,13 @@ pub mod crosscoder;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod import;
+pub mod sparse;
 pub mod stage;
 
 pub use import::{CrosscoderImport, ImportParams};
-pub use stage::{LossKind, TrainEnv, TrainParams, TrainStage, load_crosscoder, load_normalizer, train};
+pub use stage::{
+    LossKind, StepPath, TrainEnv, TrainParams, TrainStage, load_crosscoder, load_normalizer, train,
+};
 
 /// The `crosscoder` input of the stages that analyse a crosscoder (`collect`, `scale`, `eval`).
 pub const fn crosscoder_input() -> engine::InputSpec {

@@ -14,11 +14,11 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::adam::{Adam, clip_grad_norm};
-use super::cpu;
 use super::crosscoder::{
     BatchStats, BatchTopK, CodeNormalization, Crosscoder, Normalizer, batch_stats, geometric_median, l1_loss,
     min_positive_scaled, recon_l2, specific_latents,
 };
+use super::{cpu, sparse};
 use crate::cache::{ActivationCache, LocalShuffle, PairedDataset};
 
 pub struct TrainStage;
@@ -439,7 +439,7 @@ fn run(p: &TrainParams, ctx: &mut StageContext) -> Result<(), StageError> {
         out_dir: ctx.out_dir().to_owned(),
         progress: ctx.progress().clone(),
         cancelled: &cancelled,
-        autograd: false,
+        step: StepPath::Auto,
     };
     for (name, value) in train(p, train_caches, valid_caches, &env)? {
         ctx.record_metric(&name, value);
@@ -455,9 +455,24 @@ pub struct TrainEnv<'a> {
     pub out_dir: PathBuf,
     pub progress: engine::progress::Progress,
     pub cancelled: &'a dyn Fn() -> bool,
-    /// Compute the gradients with candle's autograd even where the CPU step ([`cpu`]) applies
-    /// (for comparisons; the stage never sets it).
-    pub autograd: bool,
+    /// Which step computes the gradients (the stage: [`StepPath::Auto`]).
+    pub step: StepPath,
+}
+
+/// Which implementation of the training step a run uses. They compute the same losses and
+/// gradients, up to the order of float sums.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StepPath {
+    /// The CPU step ([`cpu`]) on the CPU, the sparse step ([`sparse`]) for BatchTopK on CUDA,
+    /// candle's autograd elsewhere.
+    #[default]
+    Auto,
+    /// candle's autograd everywhere (for comparisons).
+    Autograd,
+    /// The sparse step for BatchTopK on any device, checked against autograd on the first batch
+    /// (on the CPU with the CPU step's loops as its kernels: the GPU's path, testable without a
+    /// GPU); autograd for L1.
+    Sparse,
 }
 
 /// One step's loss, its parts, the gradients (in [`Crosscoder::vars`] order) and what the
@@ -475,8 +490,8 @@ struct StepOut {
 /// The training codes f (B, F) of a step.
 enum StepCodes {
     Tensor(Tensor),
-    /// With, for BatchTopK, the smallest positive f·c.
-    Cpu(cpu::Codes, Option<f32>),
+    /// On the host (the CPU and sparse steps), with, for BatchTopK, the smallest positive f·c.
+    Host(cpu::Codes, Option<f32>),
 }
 
 /// The step through candle's autograd (any device, any matmul dtype).
@@ -532,8 +547,66 @@ fn step_cpu(
         auxk: out.auxk,
         grads: cpu::grad_tensors(cc, out.grads)?,
         x_hat: Tensor::from_vec(out.x_hat, (b, 2, cc.d), &Device::Cpu)?,
-        codes: StepCodes::Cpu(out.codes, out.min_scaled),
+        codes: StepCodes::Host(out.codes, out.min_scaled),
     })
+}
+
+/// Whether the sparse BatchTopK step ([`sparse`]) runs: on CUDA (a `cuda` build, with pipe's
+/// kernels on) over f32 weights.
+fn sparse_applies(cc: &Crosscoder) -> bool {
+    #[cfg(feature = "cuda")]
+    let on = super::cuda::enabled();
+    #[cfg(not(feature = "cuda"))]
+    let on = false;
+    on && cc.vars().iter().all(|v| v.device().is_cuda() && v.dtype() == DType::F32)
+}
+
+/// Turns pipe's CUDA kernels off for the rest of the run, saying `why`.
+fn kernels_off(why: &str) {
+    #[cfg(feature = "cuda")]
+    super::cuda::disable(why);
+    #[cfg(not(feature = "cuda"))]
+    tracing::warn!("{why}");
+}
+
+/// The sparse BatchTopK step ([`sparse`]). Its first call in a run (`checked` false) compares
+/// it with autograd on that batch ([`sparse::check`]); if they disagree, or a kernel fails,
+/// pipe's CUDA kernels are turned off with a warning and autograd takes this step and the rest
+/// (`strict`, for [`StepPath::Sparse`]: an error instead). Gradients unclipped, as autograd's.
+fn step_sparse(
+    cc: &Crosscoder,
+    t: &mut BatchTopK,
+    x: &Tensor,
+    mu: f64,
+    checked: &mut bool,
+    strict: bool,
+) -> candle_core::Result<StepOut> {
+    let fall_back = |why: String, t: &mut BatchTopK| {
+        if strict {
+            return Err(candle_core::Error::Msg(why));
+        }
+        kernels_off(&why);
+        step_autograd(cc, Some(t), x, mu)
+    };
+    if !*checked {
+        *checked = true;
+        if let Err(why) = sparse::check(t, cc, x) {
+            return fall_back(format!("the sparse BatchTopK step disagreed with autograd: {why}"), t);
+        }
+        tracing::info!("the sparse BatchTopK step agrees with autograd on the first batch");
+    }
+    match sparse::batchtopk(t, cc, x) {
+        Ok(s) => Ok(StepOut {
+            loss: s.loss,
+            l2: s.l2,
+            sparsity: None,
+            auxk: Some(s.auxk),
+            grads: s.grads,
+            x_hat: s.x_hat,
+            codes: StepCodes::Host(cpu::Codes::Sparse(s.codes), Some(s.min_scaled)),
+        }),
+        Err(e) => fall_back(format!("the sparse BatchTopK step failed: {e}"), t),
+    }
 }
 
 /// Trains a crosscoder on `train_caches` (interleaved in order), validating on `valid_caches`;
@@ -649,7 +722,13 @@ pub fn train(
     let width = 2 * d;
     let mut host = vec![0f32; p.batch_size * width];
     let params = cc.vars();
-    let on_cpu = !env.autograd && cpu::applies(&cc);
+    let on_cpu = env.step == StepPath::Auto && cpu::applies(&cc);
+    let sparse = match env.step {
+        StepPath::Auto => sparse_applies(&cc),
+        StepPath::Autograd => false,
+        StepPath::Sparse => true,
+    };
+    let mut sparse_checked = false;
     let mut last_train: Option<serde_json::Value> = None;
     while step < steps {
         if (env.cancelled)() {
@@ -676,10 +755,12 @@ pub fn train(
             let median = geometric_median(&host, p.batch_size, d);
             cc.b_dec.set(&Tensor::from_vec(median, (2, d), &device).map_err(candle)?).map_err(candle)?;
         }
-        let out = if on_cpu {
-            step_cpu(&cc, topk.as_mut(), &host, p.batch_size, p.mu, clip)
-        } else {
-            step_autograd(&cc, topk.as_mut(), &x, p.mu)
+        let out = match topk.as_mut() {
+            _ if on_cpu => step_cpu(&cc, topk.as_mut(), &host, p.batch_size, p.mu, clip),
+            Some(t) if sparse => {
+                step_sparse(&cc, t, &x, p.mu, &mut sparse_checked, env.step == StepPath::Sparse)
+            }
+            t => step_autograd(&cc, t, &x, p.mu),
         }
         .map_err(candle)?;
         let loss_value = out.loss;
@@ -698,7 +779,7 @@ pub fn train(
         {
             let m = match &out.codes {
                 StepCodes::Tensor(f) => min_positive_scaled(&cc, f).map_err(candle)?,
-                StepCodes::Cpu(_, m) => m.unwrap_or(0.0),
+                StepCodes::Host(_, m) => m.unwrap_or(0.0),
             };
             t.fold_threshold(m);
         }
@@ -707,7 +788,7 @@ pub fn train(
         if step % p.log_every == 0 || step + 1 == steps {
             let codes = match &out.codes {
                 StepCodes::Tensor(f) => f.clone(),
-                StepCodes::Cpu(c, _) => {
+                StepCodes::Host(c, _) => {
                     Tensor::from_vec(c.to_dense(p.batch_size, f), (p.batch_size, f), &device)
                         .map_err(candle)?
                 }
