@@ -24,12 +24,18 @@ fi
 [[ -x "$BIN" ]] || { echo "no pipe binary at $BIN (build it with scripts/build-cuda.sh)" >&2; exit 2; }
 [[ -d /usr/local/cuda/lib64 ]] && export LD_LIBRARY_PATH="/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-rm -rf "$OUT"
+rm -rf "$OUT" "$OUT-ref.log" "$OUT-dev.log"
 for side in ref dev; do
     devices=cpu
     [[ $side == dev ]] && devices="$DEVICE"
     start=$(date +%s%N)
-    "$BIN" -q --datastore "$OUT/$side" run pipelines/tiny.toml --devices "$devices"
+    # On the GPU, the train stage's info lines say whether its kernels ran: the sparse BatchTopK
+    # step's check against autograd ("agrees ...") or the warning that switched them off.
+    rc=0
+    RUST_LOG="warn,stages::train=info" "$BIN" -q --datastore "$OUT/$side" run pipelines/tiny.toml \
+        --devices "$devices" > "$OUT-$side.log" 2>&1 || rc=$?
+    grep -E "sparse|kernel|WARN|ERROR" "$OUT-$side.log" || true
+    (( rc == 0 )) || { tail -20 "$OUT-$side.log"; echo "pipe run on $devices failed: rc $rc" >&2; exit 1; }
     echo "run on $devices: $(( ($(date +%s%N) - start) / 1000000 )) ms"
     "$BIN" --datastore "$OUT/$side" status pipelines/tiny.toml | sed 's/^/  /'
 done

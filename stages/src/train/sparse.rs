@@ -370,8 +370,9 @@ fn tolerance(cc: &Crosscoder) -> f64 {
 
 /// Runs this step and candle's autograd on the same batch, leaving `t` untouched, and says
 /// whether they agree: the same codes kept, and the loss, its parts and every gradient within
-/// [`tolerance`]. The stage runs it once per run before trusting the CUDA kernels.
-pub fn check(t: &BatchTopK, cc: &Crosscoder, x: &Tensor) -> std::result::Result<(), String> {
+/// [`tolerance`]. Agreeing, it returns the largest gradient error (relative L2). The stage runs
+/// it once per run before trusting the CUDA kernels.
+pub fn check(t: &BatchTopK, cc: &Crosscoder, x: &Tensor) -> std::result::Result<f64, String> {
     let fail = |e: candle_core::Error| e.to_string();
     let mine = batchtopk(&mut t.clone(), cc, x).map_err(fail)?;
     let auto = t.clone().loss(cc, x).map_err(fail)?;
@@ -390,14 +391,16 @@ pub fn check(t: &BatchTopK, cc: &Crosscoder, x: &Tensor) -> std::result::Result<
     if kept as usize != mine.codes.cols.len() {
         return Err(format!("{} codes kept here, {kept} by autograd", mine.codes.cols.len()));
     }
+    let mut worst = 0.0f64;
     for (i, v) in cc.vars().iter().enumerate() {
         let want = grads.get(v.as_tensor()).cloned().unwrap_or(v.as_tensor().zeros_like().map_err(fail)?);
         let err = rel_error(&mine.grads[i], &want).map_err(fail)?;
         if err > tol {
             return Err(format!("{}'s gradient is off by {err:.3e} (relative L2)", Crosscoder::NAMES[i]));
         }
+        worst = worst.max(err);
     }
-    Ok(())
+    Ok(worst)
 }
 
 /// ‖a − b‖ / ‖b‖ (‖a‖ when b = 0), the squares summed by row on the device and in f64 across.
@@ -527,7 +530,8 @@ mod tests {
         let mut t = topk(4, f, 10);
         t.since_fired.iter_mut().step_by(3).for_each(|s| *s = 1000);
         let before = t.since_fired.clone();
-        check(&t, &cc, &xt).unwrap();
+        let worst = check(&t, &cc, &xt).unwrap();
+        assert!(worst < 1e-4, "{worst}");
         assert_eq!(t.since_fired, before);
     }
 
