@@ -224,6 +224,14 @@ fn wrap<T: candle_core::cuda::CudaDType>(
     t.narrow(0, 0, len)?.reshape(shape)
 }
 
+/// Fails unless `t` has the dims a kernel is about to assume.
+fn expect(t: &Tensor, dims: &[usize], name: &str) -> Result<()> {
+    if t.dims() != dims {
+        candle_core::bail!("sparse step: `{name}` is {:?}, the kernel expects {dims:?}", t.dims());
+    }
+    Ok(())
+}
+
 fn launch_failed(e: impl std::error::Error + Send + Sync + 'static) -> candle_core::Error {
     candle_core::Error::Cuda(Box::new(e))
 }
@@ -240,6 +248,10 @@ pub(crate) fn compact(
     offsets_dev: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
     let (rows, n) = scaled.dims2()?;
+    expect(post, &[rows, n], "post")?;
+    if thresh.len() != rows || take.len() != rows || offsets.len() != rows + 1 {
+        candle_core::bail!("sparse step: {rows} rows, but thresholds, quotas or offsets do not match");
+    }
     let (post, scaled, offsets_dev) = (post.contiguous()?, scaled.contiguous()?, offsets_dev.contiguous()?);
     let (hp, hs, ho) =
         (Held::new(&post, "post")?, Held::new(&scaled, "scaled")?, Held::new(&offsets_dev, "offsets")?);
@@ -295,15 +307,19 @@ pub(crate) fn sparse_decode(
     let (hc, hv) = (Held::new(&cols, "cols")?, Held::new(&vals, "vals")?);
     let (hw, hb) = (Held::new(&w_dec, "decoder.weight")?, Held::new(&b_dec, "decoder.bias")?);
     let device = hw.storage().device().clone();
+    expect(&w_dec, &[2, f, d], "decoder.weight")?;
+    expect(&b_dec, &[2, d], "decoder.bias")?;
+    expect(&offsets, &[rows + 1], "offsets")?;
     let len = rows * 2 * d;
-    let mut out = device.alloc_zeros::<f32>(len.max(1))?;
+    // SAFETY: every one of the rows × 2d outputs is written by the kernel before it is read.
+    let mut out = unsafe { device.alloc::<f32>(len.max(1)) }?;
     let func = device.get_or_load_custom_func("pipe_decode_f32", MODULE, PTX)?;
-    let (use_bias, f32_, d32) = (u32::from(bias), f as u32, d as u32);
+    let (use_bias, f_u32, d32) = (u32::from(bias), f as u32, d as u32);
     {
         let (vo, vc, vv, vw, vb) =
             (ho.view::<u32>()?, hc.view::<u32>()?, hv.view::<f32>()?, hw.view::<f32>()?, hb.view::<f32>()?);
         let mut launch = func.builder();
-        launch.arg(&vo).arg(&vc).arg(&vv).arg(&vw).arg(&vb).arg(&use_bias).arg(&f32_).arg(&d32);
+        launch.arg(&vo).arg(&vc).arg(&vv).arg(&vw).arg(&vb).arg(&use_bias).arg(&f_u32).arg(&d32);
         launch.arg(&mut out);
         let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: the arguments match `pipe_decode_f32`: rows + 1 u32 offsets, u32 columns below
@@ -329,13 +345,17 @@ pub(crate) fn sparse_code_grads(
     let (ho, hc) = (Held::new(&offsets, "offsets")?, Held::new(&cols, "cols")?);
     let (hu, hw) = (Held::new(&u, "upstream")?, Held::new(&w_dec, "decoder.weight")?);
     let device = hw.storage().device().clone();
-    let mut out = device.alloc_zeros::<f32>(n.max(1))?;
+    expect(&w_dec, &[2, f, d], "decoder.weight")?;
+    expect(&u, &[rows, 2 * d], "upstream")?;
+    expect(&offsets, &[rows + 1], "offsets")?;
+    // SAFETY: each of the n entries is written by the warp that owns it before it is read.
+    let mut out = unsafe { device.alloc::<f32>(n.max(1)) }?;
     let func = device.get_or_load_custom_func("pipe_code_grads_f32", MODULE, PTX)?;
-    let (f32_, d32) = (f as u32, d as u32);
+    let (f_u32, d32) = (f as u32, d as u32);
     {
         let (vo, vc, vu, vw) = (ho.view::<u32>()?, hc.view::<u32>()?, hu.view::<f32>()?, hw.view::<f32>()?);
         let mut launch = func.builder();
-        launch.arg(&vo).arg(&vc).arg(&vu).arg(&vw).arg(&f32_).arg(&d32).arg(&mut out);
+        launch.arg(&vo).arg(&vc).arg(&vu).arg(&vw).arg(&f_u32).arg(&d32).arg(&mut out);
         let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: the arguments match `pipe_code_grads_f32`: rows + 1 u32 offsets over n u32
         // columns below f, rows × 2d f32 upstream values, the (2, f, d) decoder, two u32 scalars
@@ -388,10 +408,22 @@ pub(crate) fn sparse_backward(
     if f.div_ceil(32) > 65_535 {
         candle_core::bail!("sparse step: {f} latents are more than the transpose's grid takes");
     }
-    let mut dwd = device.alloc_zeros::<f32>((2 * f * d).max(1))?;
-    let mut dwe_t = device.alloc_zeros::<f32>((f * width).max(1))?;
-    let mut dbe = device.alloc_zeros::<f32>(f.max(1))?;
-    let (f32_, d32) = (f as u32, d as u32);
+    expect(&start, &[f + 1], "start")?;
+    let b = x.dim(0)?;
+    expect(&x, &[b, width], "x")?;
+    expect(&up0, &[b, width], "upstream")?;
+    expect(&up1, &[b, width], "auxiliary upstream")?;
+    expect(w_dec, &[2, f, d], "decoder.weight")?;
+    // SAFETY: the kernel writes every entry of the three outputs (one block per latent, its
+    // threads over all 2d columns), and nothing reads them before it has run.
+    let (mut dwd, mut dwe_t, mut dbe) = unsafe {
+        (
+            device.alloc::<f32>((2 * f * d).max(1))?,
+            device.alloc::<f32>((f * width).max(1))?,
+            device.alloc::<f32>(f.max(1))?,
+        )
+    };
+    let (f_u32, d32) = (f as u32, d as u32);
     {
         let [h_start, h_rows, h_idx, h_mat, h_vals, h_dpre, h_up0, h_up1, h_x] = &held;
         let (v_start, v_rows, v_idx, v_mat) =
@@ -406,7 +438,7 @@ pub(crate) fn sparse_backward(
         let func = device.get_or_load_custom_func("pipe_sparse_backward_f32", MODULE, PTX)?;
         let mut launch = func.builder();
         launch.arg(&v_start).arg(&v_rows).arg(&v_idx).arg(&v_mat).arg(&v_vals).arg(&v_dpre);
-        launch.arg(&v_up0).arg(&v_up1).arg(&v_x).arg(&f32_).arg(&d32);
+        launch.arg(&v_up0).arg(&v_up1).arg(&v_x).arg(&f_u32).arg(&d32);
         launch.arg(&mut dwd).arg(&mut dwe_t).arg(&mut dbe);
         let cfg = LaunchConfig { grid_dim: (f as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: the arguments match `pipe_sparse_backward_f32`: f + 1 u32 starts over the u32
@@ -417,7 +449,8 @@ pub(crate) fn sparse_backward(
         unsafe { launch.launch(cfg) }.map_err(launch_failed)?;
     }
     drop(held);
-    let mut dwe = device.alloc_zeros::<f32>((f * width).max(1))?;
+    // SAFETY: the transpose writes each of the 2d × f entries.
+    let mut dwe = unsafe { device.alloc::<f32>((f * width).max(1)) }?;
     {
         let func = device.get_or_load_custom_func("pipe_transpose_f32", MODULE, PTX)?;
         let (r32, c32) = (f as u32, width as u32);

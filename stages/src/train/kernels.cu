@@ -74,7 +74,7 @@ extern "C" __global__ void pipe_radix_hist(const float *__restrict__ values, con
 // 1024); each tile of blockDim entries is compacted with warp ballots and a scan of the warps'
 // counts. written[row] gets the number kept, which the host checks against its own count; no
 // write goes past the row's share.
-extern "C" __global__ void pipe_compact_f32(const float *__restrict__ scaled, const float *__restrict__ post,
+extern "C" __global__ void __launch_bounds__(1024) pipe_compact_f32(const float *__restrict__ scaled, const float *__restrict__ post,
                                             const float *__restrict__ thresh,
                                             const unsigned int *__restrict__ take,
                                             const unsigned int *__restrict__ offsets, const unsigned int n,

@@ -99,6 +99,13 @@ fn select(post: &Tensor, scaled: &Tensor, thresh: Vec<f32>, quota: Quota) -> Res
     Ok(Kept { offsets, offsets_dev, cols, vals, cols_host })
 }
 
+/// Whether `t`'s operations go to pipe's CUDA kernels: on a CUDA device while they are on
+/// (`PIPE_CUDA_KERNELS`, or a failed check, turns them off; the CPU loops then take over).
+#[cfg(feature = "cuda")]
+fn kernels(t: &Tensor) -> bool {
+    t.device().is_cuda() && super::cuda::enabled()
+}
+
 /// The compaction of [`select`]: per row, the columns (ascending) and `post` values of the
 /// entries s > t, and of the first `take` entries s = t when t > 0.
 fn compact(
@@ -110,7 +117,7 @@ fn compact(
     offsets_dev: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
-    if scaled.device().is_cuda() {
+    if kernels(scaled) {
         return super::cuda::compact(post, scaled, thresh, take, offsets, offsets_dev);
     }
     let _ = offsets_dev;
@@ -144,7 +151,7 @@ fn compact(
 fn decode(cc: &Crosscoder, kept: &Kept, bias: bool) -> Result<Tensor> {
     let b = kept.offsets.len() - 1;
     #[cfg(feature = "cuda")]
-    if kept.cols.device().is_cuda() {
+    if kernels(&kept.cols) {
         return super::cuda::sparse_decode(
             &kept.offsets_dev,
             &kept.cols,
@@ -163,7 +170,7 @@ fn decode(cc: &Crosscoder, kept: &Kept, bias: bool) -> Result<Tensor> {
 /// For each kept entry (b, j), ⟨U_b, d_j⟩ with `u` = ∂L/∂(decoder output) (B, 2d): (N).
 fn code_grads(cc: &Crosscoder, kept: &Kept, u: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if kept.cols.device().is_cuda() {
+    if kernels(&kept.cols) {
         return super::cuda::sparse_code_grads(
             &kept.offsets_dev,
             &kept.cols,
@@ -202,24 +209,34 @@ fn backward(cc: &Crosscoder, parts: &[Part], x: &Tensor) -> Result<[Tensor; 3]> 
         .collect();
     let by = ByLatent::new(&host.iter().collect::<Vec<_>>(), f);
     #[cfg(feature = "cuda")]
-    if device.is_cuda() {
-        let first = parts[0].kept.len() as u32;
+    if kernels(x) {
+        if by.entries.is_empty() {
+            // No code kept at all: nothing moves (and no empty buffer goes to the device).
+            return Ok([
+                cc.w_dec.as_tensor().zeros_like()?,
+                cc.w_enc.as_tensor().zeros_like()?,
+                cc.b_enc.as_tensor().zeros_like()?,
+            ]);
+        }
+        let too_many = |_| candle_core::Error::Msg("sparse step: more kept codes than u32 indices".into());
+        let first = u32::try_from(parts[0].kept.len()).map_err(too_many)?;
         let (mut rows, mut idx, mut mat) = (Vec::new(), Vec::new(), Vec::new());
         for &(m, r, e) in &by.entries {
             rows.push(r);
             idx.push(if m == 0 { e } else { first + e });
             mat.push(u32::from(m));
         }
-        let start: Vec<u32> = by.start.iter().map(|s| *s as u32).collect();
+        let start: Vec<u32> =
+            by.start.iter().map(|s| u32::try_from(*s).map_err(too_many)).collect::<Result<_>>()?;
         let vals = Tensor::cat(&parts.iter().map(|p| &p.kept.vals).collect::<Vec<_>>(), 0)?;
         let dpre = Tensor::cat(&parts.iter().map(|p| p.dpre).collect::<Vec<_>>(), 0)?;
         let up1 = parts.get(1).map_or(parts[0].upstream, |p| p.upstream);
         return super::cuda::sparse_backward(
             &super::cuda::ByLatentDev {
                 start: Tensor::from_vec(start, f + 1, &device)?,
-                rows: Tensor::from_vec(rows.clone(), rows.len(), &device)?,
-                idx: Tensor::from_vec(idx.clone(), idx.len(), &device)?,
-                mat: Tensor::from_vec(mat.clone(), mat.len(), &device)?,
+                rows: Tensor::new(rows, &device)?,
+                idx: Tensor::new(idx, &device)?,
+                mat: Tensor::new(mat, &device)?,
             },
             &vals,
             &dpre,

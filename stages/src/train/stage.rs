@@ -762,7 +762,8 @@ pub fn train(
         }
         let out = match topk.as_mut() {
             _ if on_cpu => step_cpu(&cc, topk.as_mut(), &host, p.batch_size, p.mu, clip),
-            Some(t) if sparse => {
+            // Auto asks again each step: a failed check or kernel turns the kernels off.
+            Some(t) if sparse && (env.step == StepPath::Sparse || sparse_applies(&cc)) => {
                 step_sparse(&cc, t, &x, p.mu, &mut sparse_checked, env.step == StepPath::Sparse)
             }
             t => step_autograd(&cc, t, &x, p.mu),
