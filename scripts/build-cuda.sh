@@ -5,6 +5,7 @@
 # (at run time the GPU machine's own driver library is loaded). One command:
 #
 #   scripts/build-cuda.sh                 # -> target/cuda/release/pipe; stripped target/cuda/pipe, target/cuda/pipe.gz
+#                                         #    and the stages' unit tests, target/cuda/stages-tests.gz
 #
 # On a machine with a CUDA toolkit none of this is needed: `cargo build --release --features cuda`.
 # Run the binary on the GPU machine with its CUDA libraries on the path:
@@ -71,4 +72,16 @@ log "nvcc: $("$CUDA/bin/nvcc" --version | tail -1); compute capability $CUDA_COM
 # transfers with a size limit (`gunzip -k pipe.gz && chmod +x pipe` on the other side).
 strip -o "$CARGO_TARGET_DIR/pipe" "$CARGO_TARGET_DIR/release/pipe"
 gzip -6 -f -k "$CARGO_TARGET_DIR/pipe"
+# The stages' unit tests with the `cuda` feature, for scripts/device-check.sh: the CUDA-only tests
+# (the sparse step's kernels against the CPU step) run on the GPU machine, which cannot build them.
+TESTS=$(cd "$REPO" && cargo test --release --features cuda -p pipe-stages --lib --no-run \
+    --message-format=json "$@" | "$VENV/bin/python" -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "stages":
+        print(m["executable"])')
+strip -o "$CARGO_TARGET_DIR/stages-tests" "$TESTS"
+gzip -6 -f -k "$CARGO_TARGET_DIR/stages-tests"
+log "built $CARGO_TARGET_DIR/stages-tests.gz ($(du -h "$CARGO_TARGET_DIR/stages-tests.gz" | cut -f1)): the stages' unit tests"
 log "built $CARGO_TARGET_DIR/release/pipe; stripped: $CARGO_TARGET_DIR/pipe ($(du -h "$CARGO_TARGET_DIR/pipe" | cut -f1)), gzipped: $CARGO_TARGET_DIR/pipe.gz ($(du -h "$CARGO_TARGET_DIR/pipe.gz" | cut -f1))"

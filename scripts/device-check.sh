@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The tiny pipeline on the GPU against the CPU, on the GPU machine, in one short run: carry the
-# working tree with the `cuda` build of scripts/build-cuda.sh (target/cuda/pipe.gz, 19 MB) and run
+# working tree with the `cuda` build of scripts/build-cuda.sh (carry target/cuda/pipe.gz, 20 MB,
+# and target/cuda/stages-tests.gz) and run
 #
 #   bash scripts/device-check.sh
 #
@@ -10,7 +11,9 @@
 # scripts/compare_runs.py checks the outputs stage by
 # stage (tolerances in its header) and exits 1 on a failed check. Wall times of both runs are
 # printed. Knobs: DEVICE (cuda:0), PIPE_BIN (default target/cuda/pipe, unpacked from its .gz),
-# PY (default /opt/torch/.venv/bin/python: it needs torch only), OUT (/tmp/device-check).
+# PY (default /opt/torch/.venv/bin/python: it needs torch only), OUT (/tmp/device-check),
+# STAGES_TESTS (target/cuda/stages-tests, unpacked from its .gz: the unit tests named on_cuda_*
+# run first).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICE="${DEVICE:-cuda:0}"
@@ -25,6 +28,18 @@ fi
 [[ -d /usr/local/cuda/lib64 ]] && export LD_LIBRARY_PATH="/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 rm -rf "$OUT" "$OUT-ref.log" "$OUT-dev.log"
+# First the stages' CUDA-only unit tests (the sparse step's kernels against the CPU step), when
+# scripts/build-cuda.sh's test binary came along.
+TESTS="${STAGES_TESTS:-target/cuda/stages-tests}"
+if [[ ! -x "$TESTS" && -f "$TESTS.gz" ]]; then
+    gunzip -kf "$TESTS.gz"
+    chmod +x "$TESTS"
+fi
+if [[ -x "$TESTS" ]]; then
+    "$TESTS" --test-threads 1 --nocapture on_cuda_ || { echo "the CUDA unit tests failed" >&2; exit 1; }
+else
+    echo "no $TESTS: the CUDA unit tests are not run" >&2
+fi
 for side in ref dev; do
     devices=cpu
     [[ $side == dev ]] && devices="$DEVICE"

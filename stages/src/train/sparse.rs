@@ -497,6 +497,61 @@ mod tests {
         }
     }
 
+    /// On a GPU (a `cuda` build; skipped, saying so, where no CUDA device opens): the kernels'
+    /// step against the CPU step on the same weights and batch. The selection is the same, x̂
+    /// and every gradient agree to float rounding (the encoder's product differs in its order of
+    /// sums), with and without dead latents; and the run-time check passes. scripts/build-cuda.sh
+    /// builds this test binary for scripts/device-check.sh.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn on_cuda_the_kernels_step_is_the_cpu_step() {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("no CUDA device: on_cuda_the_kernels_step_is_the_cpu_step skipped");
+            return;
+        };
+        assert!(super::super::cuda::enabled(), "PIPE_CUDA_KERNELS=0: nothing to test");
+        let (d, f, b) = (40, 300, 33);
+        let x = batch(b, d, 17);
+        let xt = Tensor::from_slice(&x, (b, 2, d), &gpu).unwrap();
+        for norm in [CodeNormalization::Crosscoder, CodeNormalization::Sae] {
+            for dead_tokens in [u64::MAX, 10] {
+                let cc = crosscoder(d, f, norm, 5);
+                let on_gpu = Crosscoder::init(d, f, Some(1.0), norm, 5, &gpu).unwrap();
+                for (g, c) in on_gpu.vars().iter().zip(cc.vars()) {
+                    g.set(&c.as_tensor().to_device(&gpu).unwrap()).unwrap();
+                }
+                let (mut tc, mut tg) = (topk(7, f, dead_tokens), topk(7, f, dead_tokens));
+                for t in [&mut tc, &mut tg] {
+                    t.since_fired.iter_mut().step_by(2).for_each(|s| *s = 1000);
+                }
+                let worst = check(&tg, &on_gpu, &xt).unwrap();
+                assert!(worst < 1e-3, "{norm:?}: the check's largest error {worst}");
+                let want = cpu::batchtopk(&mut tc, &cc, &x, b).unwrap();
+                let got = batchtopk(&mut tg, &on_gpu, &xt).unwrap();
+                assert!(super::super::cuda::enabled(), "a kernel failed and turned the kernels off");
+                let cpu::Codes::Sparse(codes) = &want.codes else { panic!("sparse codes") };
+                assert_eq!(codes.offsets, got.codes.offsets, "{norm:?}: the same codes per row");
+                assert_eq!(codes.cols, got.codes.cols, "{norm:?}: the same latents");
+                assert_eq!(tc.since_fired, tg.since_fired, "{norm:?}");
+                assert_eq!(want.auxk.unwrap() > 0.0, dead_tokens == 10);
+                let close = |what: &str, w: &[f32], g: &Tensor| {
+                    let g: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
+                    assert_eq!(w.len(), g.len(), "{what}");
+                    let scale = w.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+                    let worst = w.iter().zip(&g).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                    assert!(worst <= 1e-4 * scale, "{norm:?} {what}: {worst} of {scale}");
+                };
+                close("x̂", &want.x_hat, &got.x_hat);
+                for (i, (w, g)) in want.grads.iter().zip(&got.grads).enumerate() {
+                    close(Crosscoder::NAMES[i], w, g);
+                }
+                for (a, b) in [(want.loss, got.loss), (want.l2, got.l2), (want.auxk.unwrap(), got.auxk)] {
+                    assert!((a - b).abs() <= 1e-4 * a.abs().max(1e-3), "{norm:?}: {a} vs {b}");
+                }
+            }
+        }
+    }
+
     /// Ties at the threshold: exactly k·B kept, the surplus dropped from the highest index, as
     /// the CPU step and autograd's mask do; per row for the auxiliary selection.
     #[test]
