@@ -762,12 +762,13 @@ pub fn grad_tensors(cc: &Crosscoder, grads: [Vec<f32>; 4]) -> Result<Vec<Tensor>
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use candle_core::Device;
 
     use super::*;
 
-    fn batch(b: usize, d: usize, seed: u64) -> Vec<f32> {
+    /// B × 2 × d values uniform in [−1, 1) (shared with `train::sparse`'s tests).
+    pub(in crate::train) fn batch(b: usize, d: usize, seed: u64) -> Vec<f32> {
         let mut rng = crate::rng::SplitMix64::new(seed);
         (0..b * 2 * d).map(|_| (rng.next_f64() * 2.0 - 1.0) as f32).collect()
     }
@@ -802,7 +803,8 @@ mod tests {
         }
     }
 
-    fn topk(k: u64, f: usize, dead_tokens: u64) -> BatchTopK {
+    /// A fresh BatchTopK state (shared with `train::sparse`'s tests).
+    pub(in crate::train) fn topk(k: u64, f: usize, dead_tokens: u64) -> BatchTopK {
         BatchTopK { k, auxk_alpha: 1.0 / 32.0, dead_tokens, since_fired: vec![0; f], threshold: -1.0 }
     }
 

@@ -438,6 +438,7 @@ mod tests {
     use candle_core::Device;
 
     use super::*;
+    use crate::train::cpu::tests::{batch, topk};
     use crate::train::crosscoder::CodeNormalization;
 
     fn crosscoder(d: usize, f: usize, norm: CodeNormalization, seed: u64) -> Crosscoder {
@@ -450,15 +451,6 @@ mod tests {
             v.set(&(v.as_tensor() + Tensor::from_vec(noise, v.shape(), &dev).unwrap()).unwrap()).unwrap();
         }
         cc
-    }
-
-    fn batch(b: usize, d: usize, seed: u64) -> Vec<f32> {
-        let mut rng = crate::rng::SplitMix64::new(seed);
-        (0..b * 2 * d).map(|_| (rng.next_f64() * 2.0 - 1.0) as f32).collect()
-    }
-
-    fn topk(k: u64, f: usize, dead_tokens: u64) -> BatchTopK {
-        BatchTopK { k, auxk_alpha: 1.0 / 32.0, dead_tokens, since_fired: vec![0; f], threshold: -1.0 }
     }
 
     /// Same selection, counters, losses and gradients as the CPU step, with and without dead
@@ -559,37 +551,29 @@ mod tests {
         let (b, f) = (6, 10);
         let post: Vec<f32> = (0..b * f).map(|i| ((i * 7) % 4) as f32 * 0.5).collect();
         let dense = Tensor::from_vec(post.clone(), (b, f), &Device::Cpu).unwrap();
-        for k in [1u64, 5, 13, 29, 40] {
-            let kth = kth_largest(&dense.reshape((1, b * f)).unwrap(), &[k]).unwrap()[0];
-            let kept = select(&dense, &dense, vec![kth; b], Quota::Batch(k)).unwrap();
-            let mask: Vec<f32> = super::super::crosscoder::top_mask(&dense, k, false)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let mine = cpu::Codes::Sparse(kept.to_sparse().unwrap()).to_dense(b, f);
-            assert_eq!(
-                mine.iter().map(|v| *v != 0.0).collect::<Vec<_>>(),
-                mask.iter().map(|m| *m != 0.0).collect::<Vec<_>>(),
-                "k = {k}"
-            );
-        }
-        for k in [1u64, 3, 9] {
-            let kth = kth_largest(&dense, &vec![k; b]).unwrap();
-            let kept = select(&dense, &dense, kth, Quota::PerRow(k)).unwrap();
-            let mask: Vec<f32> = super::super::crosscoder::top_mask(&dense, k, true)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let mine = cpu::Codes::Sparse(kept.to_sparse().unwrap()).to_dense(b, f);
-            assert_eq!(
-                mine.iter().map(|v| *v != 0.0).collect::<Vec<_>>(),
-                mask.iter().map(|m| *m != 0.0).collect::<Vec<_>>(),
-                "per row, k = {k}"
-            );
+        let cases = [(false, vec![1u64, 5, 13, 29, 40]), (true, vec![1, 3, 9])];
+        for (per_row, ks) in cases {
+            for k in ks {
+                let kept = if per_row {
+                    let kth = kth_largest(&dense, &vec![k; b]).unwrap();
+                    select(&dense, &dense, kth, Quota::PerRow(k)).unwrap()
+                } else {
+                    let kth = kth_largest(&dense.reshape((1, b * f)).unwrap(), &[k]).unwrap()[0];
+                    select(&dense, &dense, vec![kth; b], Quota::Batch(k)).unwrap()
+                };
+                let mask: Vec<f32> = super::super::crosscoder::top_mask(&dense, k, per_row)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let mine = cpu::Codes::Sparse(kept.to_sparse().unwrap()).to_dense(b, f);
+                assert_eq!(
+                    mine.iter().map(|v| *v != 0.0).collect::<Vec<_>>(),
+                    mask.iter().map(|m| *m != 0.0).collect::<Vec<_>>(),
+                    "per row {per_row}, k = {k}"
+                );
+            }
         }
     }
 
