@@ -260,6 +260,34 @@ fn kth_is_exact(values: &Tensor, k: &[u64], kth: &[f32]) -> Result<bool> {
 pub(crate) const RADIX_PASSES: [(u32, u32, u32); 3] =
     [(21, 0, 0x7ff), (10, 0xffe0_0000, 0x7ff), (0, 0xffff_fc00, 0x3ff)];
 
+/// The radix select's host side, for any device that histograms: per row of (R, n) values, the
+/// `k[r]`-th largest (the conventions of [`kth_largest`]), where `hist(prefix, pass)` returns
+/// each row's 2048 bins (R × 2048) of the pass's digit among the entries matching its prefix.
+#[cfg(any(feature = "cuda", test))]
+pub(crate) fn radix_select<E>(
+    n: u64,
+    k: &[u64],
+    mut hist: impl FnMut(&[u32], (u32, u32, u32)) -> std::result::Result<Vec<u32>, E>,
+) -> std::result::Result<Vec<f32>, E> {
+    let (mut prefix, mut remaining) = (vec![0u32; k.len()], k.to_vec());
+    for pass in RADIX_PASSES {
+        let bins = hist(&prefix, pass)?;
+        for r in 0..k.len() {
+            if k[r] >= 1 && k[r] <= n {
+                radix_step(&bins[r * 2048..(r + 1) * 2048], pass, &mut prefix[r], &mut remaining[r]);
+            }
+        }
+    }
+    Ok(k.iter()
+        .zip(&prefix)
+        .map(|(&k, p)| match k {
+            0 => f32::INFINITY,
+            k if k > n => 0.0,
+            _ => f32::from_bits(*p),
+        })
+        .collect())
+}
+
 /// Folds one pass's histogram of a row (the digit's counts among the entries that match
 /// `prefix`) into the search for the `remaining`-th largest of them: fixes the digit in `prefix`
 /// and leaves in `remaining` the rank within that digit.

@@ -6,6 +6,8 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Storage, Tensor};
+
+use super::launch::{self, Geometry};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -36,7 +38,6 @@ pub fn disable(why: &str) {
 /// the bit patterns (`crosscoder::RADIX_PASSES`), each one read of the values, where bisection
 /// takes 31 compare-and-count passes. None where it does not apply.
 pub fn kth_largest(values: &Tensor, k: &[u64]) -> Result<Option<Vec<f32>>> {
-    use super::crosscoder::{RADIX_PASSES, radix_step};
     if !enabled() || !values.device().is_cuda() || values.dtype() != DType::F32 {
         return Ok(None);
     }
@@ -52,38 +53,21 @@ pub fn kth_largest(values: &Tensor, k: &[u64]) -> Result<Option<Vec<f32>>> {
     let device = storage.device().clone();
     let view = storage.as_cuda_slice::<f32>()?.slice(a..b);
     let func = device.get_or_load_custom_func("pipe_radix_hist", MODULE, PTX)?;
-    let per_row = (n as u64).div_ceil(256 * 16).clamp(1, 1024) as u32;
-    let cfg =
-        LaunchConfig { grid_dim: (per_row, rows as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let cfg = config(launch::radix_hist(rows, n));
     let n64 = n as u64;
-    let (mut prefix, mut remaining) = (vec![0u32; rows], k.to_vec());
-    for pass in RADIX_PASSES {
-        let (shift, high_mask, digit_mask) = pass;
+    let kth = super::crosscoder::radix_select(n64, k, |prefix, (shift, high_mask, digit_mask)| {
         let mut hist = device.alloc_zeros::<u32>(rows * 2048)?;
-        let prefix_dev = device.clone_htod(&prefix)?;
+        let prefix_dev = device.clone_htod(prefix)?;
         let mut launch = func.builder();
         launch.arg(&view).arg(&n64).arg(&prefix_dev).arg(&high_mask).arg(&shift).arg(&digit_mask);
         launch.arg(&mut hist);
         // SAFETY: the arguments match `pipe_radix_hist` in kernels.cu: rows × n f32 values, n as
         // u64, one u32 prefix per row, three u32 scalars, rows × 2048 u32 bins; the grid's y is
         // the row and every thread stays below n within it.
-        unsafe { launch.launch(cfg) }.map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
-        let hist = device.clone_dtoh(&hist)?;
-        for r in 0..rows {
-            if k[r] >= 1 && k[r] <= n64 {
-                radix_step(&hist[r * 2048..(r + 1) * 2048], pass, &mut prefix[r], &mut remaining[r]);
-            }
-        }
-    }
-    Ok(Some(
-        (0..rows)
-            .map(|r| match k[r] {
-                0 => f32::INFINITY,
-                k if k > n64 => 0.0,
-                _ => f32::from_bits(prefix[r]),
-            })
-            .collect(),
-    ))
+        unsafe { launch.launch(cfg) }.map_err(launch_failed)?;
+        device.clone_dtoh(&hist)
+    })?;
+    Ok(Some(kth))
 }
 
 /// Runs `body` on the device buffer of a contiguous f32 CUDA tensor, writable in place (through
@@ -149,9 +133,7 @@ pub(crate) fn adam_step(
                 let func = device.get_or_load_custom_func("pipe_adam_f32", MODULE, PTX)?;
                 let (mut pv, mut mv, mut vv) = (ps.slice_mut(pr), ms.slice_mut(mr), vs.slice_mut(vr));
                 let n = n as u64;
-                let blocks = blocks.unwrap_or(n.div_ceil(256).clamp(1, 1 << 16) as u32);
-                let cfg =
-                    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+                let cfg = config(launch::adam(n, blocks));
                 let mut launch = func.builder();
                 launch.arg(&mut pv).arg(&mut mv).arg(&mut vv).arg(&g_view).arg(&n);
                 launch
@@ -165,7 +147,7 @@ pub(crate) fn adam_step(
                 // SAFETY: the arguments match the kernel's signature in kernels.cu (four f32
                 // buffers of n entries, n as u64, eight f32 scalars); the grid-stride loop stays
                 // below n.
-                unsafe { launch.launch(cfg) }.map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+                unsafe { launch.launch(cfg) }.map_err(launch_failed)?;
                 Ok(())
             })
         })
@@ -232,6 +214,10 @@ fn expect(t: &Tensor, dims: &[usize], name: &str) -> Result<()> {
     Ok(())
 }
 
+fn config(g: Geometry) -> LaunchConfig {
+    LaunchConfig { grid_dim: g.grid, block_dim: g.block, shared_mem_bytes: 0 }
+}
+
 fn launch_failed(e: impl std::error::Error + Send + Sync + 'static) -> candle_core::Error {
     candle_core::Error::Cuda(Box::new(e))
 }
@@ -269,8 +255,7 @@ pub(crate) fn compact(
         let mut launch = func.builder();
         launch.arg(&vs).arg(&vp).arg(&thresh_dev).arg(&take_dev).arg(&vo).arg(&n32);
         launch.arg(&mut cols).arg(&mut vals).arg(&mut written);
-        let cfg =
-            LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+        let cfg = config(launch::compact(rows));
         // SAFETY: the arguments match `pipe_compact_f32` in kernels.cu: rows × n f32 scaled and
         // post values, rows f32 thresholds, rows u32 quotas, rows + 1 u32 offsets, n as u32, then
         // `total` u32 columns and f32 values (at least one) and rows u32 counts; the kernel
@@ -321,7 +306,7 @@ pub(crate) fn sparse_decode(
         let mut launch = func.builder();
         launch.arg(&vo).arg(&vc).arg(&vv).arg(&vw).arg(&vb).arg(&use_bias).arg(&f_u32).arg(&d32);
         launch.arg(&mut out);
-        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = config(launch::decode(rows));
         // SAFETY: the arguments match `pipe_decode_f32`: rows + 1 u32 offsets, u32 columns below
         // f and f32 values indexed by them, the (2, f, d) decoder, its (2, d) bias, three u32
         // scalars, and rows × 2d f32 outputs, each written by one thread.
@@ -356,7 +341,7 @@ pub(crate) fn sparse_code_grads(
         let (vo, vc, vu, vw) = (ho.view::<u32>()?, hc.view::<u32>()?, hu.view::<f32>()?, hw.view::<f32>()?);
         let mut launch = func.builder();
         launch.arg(&vo).arg(&vc).arg(&vu).arg(&vw).arg(&f_u32).arg(&d32).arg(&mut out);
-        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = config(launch::code_grads(rows));
         // SAFETY: the arguments match `pipe_code_grads_f32`: rows + 1 u32 offsets over n u32
         // columns below f, rows × 2d f32 upstream values, the (2, f, d) decoder, two u32 scalars
         // and n f32 outputs, entry e written by the one warp that owns it.
@@ -440,7 +425,7 @@ pub(crate) fn sparse_backward(
         launch.arg(&v_start).arg(&v_rows).arg(&v_idx).arg(&v_mat).arg(&v_vals).arg(&v_dpre);
         launch.arg(&v_up0).arg(&v_up1).arg(&v_x).arg(&f_u32).arg(&d32);
         launch.arg(&mut dwd).arg(&mut dwe_t).arg(&mut dbe);
-        let cfg = LaunchConfig { grid_dim: (f as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = config(launch::sparse_backward(f));
         // SAFETY: the arguments match `pipe_sparse_backward_f32`: f + 1 u32 starts over the u32
         // rows, indices and matrices of the grouped entries (rows below B, indices below the
         // concatenated values' length), the f32 values and code gradients, two (B, 2d) upstream
@@ -456,11 +441,7 @@ pub(crate) fn sparse_backward(
         let (r32, c32) = (f as u32, width as u32);
         let mut launch = func.builder();
         launch.arg(&dwe_t).arg(&r32).arg(&c32).arg(&mut dwe);
-        let cfg = LaunchConfig {
-            grid_dim: (width.div_ceil(32) as u32, f.div_ceil(32) as u32, 1),
-            block_dim: (32, 8, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = config(launch::transpose(f, width));
         // SAFETY: `pipe_transpose_f32` reads the f × 2d input and writes the 2d × f output, each
         // index checked against the sizes.
         unsafe { launch.launch(cfg) }.map_err(launch_failed)?;

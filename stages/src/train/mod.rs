@@ -1,7 +1,8 @@
 //! Crosscoder training (DOMAIN.md §2–§4): the model and its losses ([`crosscoder`]), Adam with
 //! torch semantics ([`adam`]), the CPU step with hand-written gradients ([`cpu`]), the sparse
-//! BatchTopK step for GPUs ([`sparse`]), the CUDA kernels (`cuda`, with the `cuda` feature), and
-//! the `train` stage ([`stage`]).
+//! BatchTopK step for GPUs ([`sparse`]), the CUDA kernels (`cuda`, with the `cuda` feature; their
+//! launch geometry in `launch`, and a CPU simulator for the tests in `kernel_sim`), and the
+//! `train` stage ([`stage`]).
 
 pub mod adam;
 pub mod cpu;
@@ -9,6 +10,10 @@ pub mod crosscoder;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod import;
+#[cfg(test)]
+mod kernel_sim;
+#[cfg(any(feature = "cuda", test))]
+mod launch;
 pub mod sparse;
 pub mod stage;
 

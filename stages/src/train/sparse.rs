@@ -99,11 +99,52 @@ fn select(post: &Tensor, scaled: &Tensor, thresh: Vec<f32>, quota: Quota) -> Res
     Ok(Kept { offsets, offsets_dev, cols, vals, cols_host })
 }
 
-/// Whether `t`'s operations go to pipe's CUDA kernels: on a CUDA device while they are on
-/// (`PIPE_CUDA_KERNELS`, or a failed check, turns them off; the CPU loops then take over).
-#[cfg(feature = "cuda")]
-fn kernels(t: &Tensor) -> bool {
-    t.device().is_cuda() && super::cuda::enabled()
+/// Where the sparse operations ([`compact`], [`decode`], [`code_grads`], [`backward`]) run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ops {
+    /// cpu.rs's loops, on the host.
+    Loops,
+    /// pipe's CUDA kernels.
+    #[cfg(feature = "cuda")]
+    Cuda,
+    /// The same kernels run on the CPU by `kernel_sim` (tests only).
+    #[cfg(test)]
+    Simulated,
+}
+
+#[cfg(test)]
+thread_local! {
+    static SIMULATE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `body` with this thread's sparse operations on CPU tensors sent to the simulated
+/// kernels (tests only).
+#[cfg(test)]
+pub(crate) fn simulated<R>(body: impl FnOnce() -> R) -> R {
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            SIMULATE.with(|s| s.set(false));
+        }
+    }
+    SIMULATE.with(|s| s.set(true));
+    let _reset = Reset;
+    body()
+}
+
+/// Where `t`'s operations go: pipe's CUDA kernels on a CUDA device while they are on
+/// (`PIPE_CUDA_KERNELS`, or a failed check, turns them off), else the CPU loops.
+#[allow(unused_variables)]
+fn ops(t: &Tensor) -> Ops {
+    #[cfg(test)]
+    if SIMULATE.with(|s| s.get()) && t.device().is_cpu() {
+        return Ops::Simulated;
+    }
+    #[cfg(feature = "cuda")]
+    if t.device().is_cuda() && super::cuda::enabled() {
+        return Ops::Cuda;
+    }
+    Ops::Loops
 }
 
 /// The compaction of [`select`]: per row, the columns (ascending) and `post` values of the
@@ -116,9 +157,12 @@ fn compact(
     offsets: &[u32],
     offsets_dev: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
-    #[cfg(feature = "cuda")]
-    if kernels(scaled) {
-        return super::cuda::compact(post, scaled, thresh, take, offsets, offsets_dev);
+    match ops(scaled) {
+        #[cfg(feature = "cuda")]
+        Ops::Cuda => return super::cuda::compact(post, scaled, thresh, take, offsets, offsets_dev),
+        #[cfg(test)]
+        Ops::Simulated => return super::kernel_sim::compact(post, scaled, thresh, take, offsets),
+        Ops::Loops => {}
     }
     let _ = offsets_dev;
     let (b, f) = scaled.dims2()?;
@@ -150,18 +194,35 @@ fn compact(
 /// Σ_j f_bj d_j (+ b_dec when `bias`) over the kept entries: (B, 2d).
 fn decode(cc: &Crosscoder, kept: &Kept, bias: bool) -> Result<Tensor> {
     let b = kept.offsets.len() - 1;
-    #[cfg(feature = "cuda")]
-    if kernels(&kept.cols) {
-        return super::cuda::sparse_decode(
-            &kept.offsets_dev,
-            &kept.cols,
-            &kept.vals,
-            cc.w_dec.as_tensor(),
-            cc.b_dec.as_tensor(),
-            bias,
-            (b, cc.f, cc.d),
-        );
+    let (w_dec, b_dec, dims) = (cc.w_dec.as_tensor(), cc.b_dec.as_tensor(), (b, cc.f, cc.d));
+    match ops(&kept.cols) {
+        #[cfg(feature = "cuda")]
+        Ops::Cuda => {
+            return super::cuda::sparse_decode(
+                &kept.offsets_dev,
+                &kept.cols,
+                &kept.vals,
+                w_dec,
+                b_dec,
+                bias,
+                dims,
+            );
+        }
+        #[cfg(test)]
+        Ops::Simulated => {
+            return super::kernel_sim::decode(
+                &kept.offsets,
+                &kept.cols,
+                &kept.vals,
+                w_dec,
+                b_dec,
+                bias,
+                dims,
+            );
+        }
+        Ops::Loops => {}
     }
+    let _ = (w_dec, b_dec, dims);
     let codes = kept.to_sparse()?;
     let out = cpu::with_weights(cc, |w| Ok(cpu::decode_sparse(&codes, w, bias)))?;
     Tensor::from_vec(out, (b, 2 * cc.d), kept.cols.device())
@@ -169,16 +230,25 @@ fn decode(cc: &Crosscoder, kept: &Kept, bias: bool) -> Result<Tensor> {
 
 /// For each kept entry (b, j), ⟨U_b, d_j⟩ with `u` = ∂L/∂(decoder output) (B, 2d): (N).
 fn code_grads(cc: &Crosscoder, kept: &Kept, u: &Tensor) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if kernels(&kept.cols) {
-        return super::cuda::sparse_code_grads(
-            &kept.offsets_dev,
-            &kept.cols,
-            u,
-            cc.w_dec.as_tensor(),
-            (kept.offsets.len() - 1, cc.f, cc.d),
-        );
+    let dims = (kept.offsets.len() - 1, cc.f, cc.d);
+    match ops(&kept.cols) {
+        #[cfg(feature = "cuda")]
+        Ops::Cuda => {
+            return super::cuda::sparse_code_grads(
+                &kept.offsets_dev,
+                &kept.cols,
+                u,
+                cc.w_dec.as_tensor(),
+                dims,
+            );
+        }
+        #[cfg(test)]
+        Ops::Simulated => {
+            return super::kernel_sim::code_grads(&kept.offsets, &kept.cols, u, cc.w_dec.as_tensor(), dims);
+        }
+        Ops::Loops => {}
     }
+    let _ = dims;
     let codes = kept.to_sparse()?;
     let u = u.flatten_all()?.to_vec1::<f32>()?;
     let out = cpu::with_weights(cc, |w| Ok(cpu::code_grads(&codes, &u, w)))?;
@@ -208,8 +278,8 @@ fn backward(cc: &Crosscoder, parts: &[Part], x: &Tensor) -> Result<[Tensor; 3]> 
         })
         .collect();
     let by = ByLatent::new(&host.iter().collect::<Vec<_>>(), f);
-    #[cfg(feature = "cuda")]
-    if kernels(x) {
+    #[cfg(any(feature = "cuda", test))]
+    if ops(x) != Ops::Loops {
         if by.entries.is_empty() {
             // No code kept at all: nothing moves (and no empty buffer goes to the device).
             return Ok([
@@ -218,33 +288,34 @@ fn backward(cc: &Crosscoder, parts: &[Part], x: &Tensor) -> Result<[Tensor; 3]> 
                 cc.b_enc.as_tensor().zeros_like()?,
             ]);
         }
-        let too_many = |_| candle_core::Error::Msg("sparse step: more kept codes than u32 indices".into());
-        let first = u32::try_from(parts[0].kept.len()).map_err(too_many)?;
-        let (mut rows, mut idx, mut mat) = (Vec::new(), Vec::new(), Vec::new());
-        for &(m, r, e) in &by.entries {
-            rows.push(r);
-            idx.push(if m == 0 { e } else { first + e });
-            mat.push(u32::from(m));
-        }
-        let start: Vec<u32> =
-            by.start.iter().map(|s| u32::try_from(*s).map_err(too_many)).collect::<Result<_>>()?;
+        let groups = Groups::new(&by, parts)?;
         let vals = Tensor::cat(&parts.iter().map(|p| &p.kept.vals).collect::<Vec<_>>(), 0)?;
         let dpre = Tensor::cat(&parts.iter().map(|p| p.dpre).collect::<Vec<_>>(), 0)?;
         let up1 = parts.get(1).map_or(parts[0].upstream, |p| p.upstream);
-        return super::cuda::sparse_backward(
-            &super::cuda::ByLatentDev {
-                start: Tensor::from_vec(start, f + 1, &device)?,
-                rows: Tensor::new(rows, &device)?,
-                idx: Tensor::new(idx, &device)?,
-                mat: Tensor::new(mat, &device)?,
-            },
-            &vals,
-            &dpre,
-            [parts[0].upstream, up1],
-            x,
-            cc.w_dec.as_tensor(),
-            (f, d),
-        );
+        let upstream = [parts[0].upstream, up1];
+        match ops(x) {
+            #[cfg(feature = "cuda")]
+            Ops::Cuda => {
+                let by = super::cuda::ByLatentDev {
+                    start: Tensor::from_vec(groups.start, f + 1, &device)?,
+                    rows: Tensor::new(groups.rows, &device)?,
+                    idx: Tensor::new(groups.idx, &device)?,
+                    mat: Tensor::new(groups.mat, &device)?,
+                };
+                return super::cuda::sparse_backward(
+                    &by,
+                    &vals,
+                    &dpre,
+                    upstream,
+                    x,
+                    cc.w_dec.as_tensor(),
+                    (f, d),
+                );
+            }
+            #[cfg(test)]
+            Ops::Simulated => return super::kernel_sim::backward(&groups, &vals, &dpre, upstream, x, (f, d)),
+            Ops::Loops => unreachable!("checked above"),
+        }
     }
     let codes: Vec<Sparse> = parts.iter().map(|p| p.kept.to_sparse()).collect::<Result<_>>()?;
     let ups: Vec<Vec<f32>> =
@@ -271,6 +342,35 @@ fn backward(cc: &Crosscoder, parts: &[Part], x: &Tensor) -> Result<[Tensor; 3]> 
         Tensor::from_vec(dwe, (2, d, f), &device)?,
         Tensor::from_vec(dbe, f, &device)?,
     ])
+}
+
+/// The kept entries of a step's code matrices grouped by latent, as the CUDA backward reads them:
+/// latent j's entries are `start[j]..start[j + 1]`, each with its row, its index in the
+/// concatenated values of all parts, and its part (0 the training codes, 1 the auxiliary ones).
+#[cfg_attr(not(any(feature = "cuda", test)), allow(dead_code))]
+pub(crate) struct Groups {
+    pub start: Vec<u32>,
+    pub rows: Vec<u32>,
+    pub idx: Vec<u32>,
+    pub mat: Vec<u32>,
+}
+
+impl Groups {
+    #[cfg_attr(not(any(feature = "cuda", test)), allow(dead_code))]
+    fn new(by: &ByLatent, parts: &[Part]) -> Result<Groups> {
+        let too_many = |_| candle_core::Error::Msg("sparse step: more kept codes than u32 indices".into());
+        let first = u32::try_from(parts[0].kept.len()).map_err(too_many)?;
+        let n = by.entries.len();
+        let (mut rows, mut idx, mut mat) =
+            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        for &(m, r, e) in &by.entries {
+            rows.push(r);
+            idx.push(if m == 0 { e } else { first + e });
+            mat.push(u32::from(m));
+        }
+        let start = by.start.iter().map(|s| u32::try_from(*s).map_err(too_many)).collect::<Result<_>>()?;
+        Ok(Groups { start, rows, idx, mat })
+    }
 }
 
 /// Σ over rows of the row sums of `t` (R, W), the rows summed on the device (one block per row
@@ -489,38 +589,33 @@ mod tests {
         }
     }
 
-    /// On a GPU (a `cuda` build; skipped, saying so, where no CUDA device opens): the kernels'
-    /// step against the CPU step on the same weights and batch. The selection is the same, x̂
-    /// and every gradient agree to float rounding (the encoder's product differs in its order of
-    /// sums), with and without dead latents; and the run-time check passes. scripts/build-cuda.sh
-    /// builds this test binary for scripts/device-check.sh.
-    #[cfg(feature = "cuda")]
-    #[test]
-    fn on_cuda_the_kernels_step_is_the_cpu_step() {
-        let Ok(gpu) = Device::new_cuda(0) else {
-            eprintln!("no CUDA device: on_cuda_the_kernels_step_is_the_cpu_step skipped");
-            return;
-        };
-        assert!(super::super::cuda::enabled(), "PIPE_CUDA_KERNELS=0: nothing to test");
+    /// The kernels' step on `dev` (a GPU, or the CPU with the simulated kernels) against the CPU
+    /// step on the same weights and batch. The selection is the same, x̂ and every gradient agree
+    /// to float rounding (the encoder's product and the codes' gradients differ in their order of
+    /// sums), with and without dead latents; and the run-time check passes.
+    fn the_kernels_step_is_the_cpu_step(dev: &Device) {
         let (d, f, b) = (40, 300, 33);
         let x = batch(b, d, 17);
-        let xt = Tensor::from_slice(&x, (b, 2, d), &gpu).unwrap();
+        let xt = Tensor::from_slice(&x, (b, 2, d), dev).unwrap();
         for norm in [CodeNormalization::Crosscoder, CodeNormalization::Sae] {
             for dead_tokens in [u64::MAX, 10] {
                 let cc = crosscoder(d, f, norm, 5);
-                let on_gpu = Crosscoder::init(d, f, Some(1.0), norm, 5, &gpu).unwrap();
-                for (g, c) in on_gpu.vars().iter().zip(cc.vars()) {
-                    g.set(&c.as_tensor().to_device(&gpu).unwrap()).unwrap();
+                let on_dev = Crosscoder::init(d, f, Some(1.0), norm, 5, dev).unwrap();
+                for (g, c) in on_dev.vars().iter().zip(cc.vars()) {
+                    g.set(&c.as_tensor().to_device(dev).unwrap()).unwrap();
                 }
                 let (mut tc, mut tg) = (topk(7, f, dead_tokens), topk(7, f, dead_tokens));
                 for t in [&mut tc, &mut tg] {
                     t.since_fired.iter_mut().step_by(2).for_each(|s| *s = 1000);
                 }
-                let worst = check(&tg, &on_gpu, &xt).unwrap();
+                let worst = check(&tg, &on_dev, &xt).unwrap();
                 assert!(worst < 1e-3, "{norm:?}: the check's largest error {worst}");
                 let want = cpu::batchtopk(&mut tc, &cc, &x, b).unwrap();
-                let got = batchtopk(&mut tg, &on_gpu, &xt).unwrap();
-                assert!(super::super::cuda::enabled(), "a kernel failed and turned the kernels off");
+                let got = batchtopk(&mut tg, &on_dev, &xt).unwrap();
+                #[cfg(feature = "cuda")]
+                if dev.is_cuda() {
+                    assert!(super::super::cuda::enabled(), "a kernel failed and turned the kernels off");
+                }
                 let cpu::Codes::Sparse(codes) = &want.codes else { panic!("sparse codes") };
                 assert_eq!(codes.offsets, got.codes.offsets, "{norm:?}: the same codes per row");
                 assert_eq!(codes.cols, got.codes.cols, "{norm:?}: the same latents");
@@ -542,6 +637,30 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// On a GPU (a `cuda` build; skipped, saying so, where no CUDA device opens): the kernels'
+    /// step against the CPU step. scripts/build-cuda.sh builds this test binary for
+    /// scripts/device-check.sh.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn on_cuda_the_kernels_step_is_the_cpu_step() {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("no CUDA device: on_cuda_the_kernels_step_is_the_cpu_step skipped");
+            return;
+        };
+        assert!(super::super::cuda::enabled(), "PIPE_CUDA_KERNELS=0: nothing to test");
+        the_kernels_step_is_the_cpu_step(&gpu);
+    }
+
+    /// The same on the CPU, the CUDA kernels run by the simulator (`kernel_sim`): their logic is
+    /// checked on every CPU test run.
+    #[test]
+    fn simulated_the_kernels_step_is_the_cpu_step() {
+        if !crate::train::kernel_sim::ready("simulated_the_kernels_step_is_the_cpu_step") {
+            return;
+        }
+        simulated(|| the_kernels_step_is_the_cpu_step(&Device::Cpu));
     }
 
     /// Ties at the threshold: exactly k·B kept, the surplus dropped from the highest index, as
@@ -574,6 +693,40 @@ mod tests {
                     "per row {per_row}, k = {k}"
                 );
             }
+        }
+    }
+
+    /// The compaction kernel (simulated) keeps the CPU loops' entries where ties at the
+    /// threshold must be split: rows of three 1024-entry tiles, a fifth of each row equal to the
+    /// threshold, batch and per-row quotas that take part of them.
+    #[test]
+    fn simulated_the_compaction_kernel_splits_ties_as_the_loops_do() {
+        if !crate::train::kernel_sim::ready("simulated_the_compaction_kernel_splits_ties_as_the_loops_do") {
+            return;
+        }
+        let (b, f) = (5, 2500);
+        let scaled: Vec<f32> = (0..b * f).map(|i| ((i * 7) % 5) as f32 * 0.5).collect();
+        let post: Vec<f32> = scaled.iter().enumerate().map(|(i, v)| v + i as f32 * 1e-3).collect();
+        let dev = Device::Cpu;
+        let (scaled, post) =
+            (Tensor::from_vec(scaled, (b, f), &dev).unwrap(), Tensor::from_vec(post, (b, f), &dev).unwrap());
+        // Per row 500 entries each of 0, 0.5, 1, 1.5 and 2.
+        for (per_row, k) in
+            [(false, 1u64), (false, 2750), (false, 4100), (true, 1), (true, 700), (true, 1333)]
+        {
+            let (thresh, quota) = if per_row {
+                (kth_largest(&scaled, &vec![k; b]).unwrap(), Quota::PerRow(k))
+            } else {
+                let kth = kth_largest(&scaled.reshape((1, b * f)).unwrap(), &[k]).unwrap()[0];
+                (vec![kth; b], Quota::Batch(k))
+            };
+            let want = select(&post, &scaled, thresh.clone(), quota).unwrap();
+            let got = simulated(|| select(&post, &scaled, thresh, quota)).unwrap();
+            assert_eq!(want.len() as u64, if per_row { k * b as u64 } else { k });
+            assert_eq!(want.offsets, got.offsets, "per row {per_row}, k = {k}");
+            assert_eq!(want.cols_host, got.cols_host, "per row {per_row}, k = {k}");
+            let (wv, gv): (Vec<f32>, Vec<f32>) = (want.vals.to_vec1().unwrap(), got.vals.to_vec1().unwrap());
+            assert_eq!(wv, gv, "per row {per_row}, k = {k}");
         }
     }
 
