@@ -350,14 +350,12 @@ pub(crate) fn sparse_code_grads(
     wrap(out, &device, n, n)
 }
 
-/// The kept entries of the step's code matrices grouped by latent (cpu.rs's `ByLatent`), on the
-/// device: latent j's entries are `start[j]..start[j + 1]`, each with its row, its index in the
-/// concatenated values, and its matrix (0 the training codes, 1 the auxiliary ones).
+/// The training codes' kept entries grouped by latent (`sparse::Groups`), on the device: latent
+/// j's entries are `start[j]..start[j + 1]`, each with its row and its index in the values.
 pub(crate) struct ByLatentDev {
     pub start: Tensor,
     pub rows: Tensor,
     pub idx: Tensor,
-    pub mat: Tensor,
 }
 
 /// `sparse::backward` on CUDA (`pipe_sparse_backward_f32`, then `pipe_transpose_f32` for the
@@ -366,23 +364,21 @@ pub(crate) fn sparse_backward(
     by: &ByLatentDev,
     vals: &Tensor,
     dpre: &Tensor,
-    upstream: [&Tensor; 2],
+    upstream: &Tensor,
     x: &Tensor,
     w_dec: &Tensor,
     (f, d): (usize, usize),
 ) -> Result<[Tensor; 3]> {
     let c = |t: &Tensor| t.contiguous();
-    let (start, rows, idx, mat) = (c(&by.start)?, c(&by.rows)?, c(&by.idx)?, c(&by.mat)?);
-    let (vals, dpre, up0, up1, x) = (c(vals)?, c(dpre)?, c(upstream[0])?, c(upstream[1])?, c(x)?);
+    let (start, rows, idx) = (c(&by.start)?, c(&by.rows)?, c(&by.idx)?);
+    let (vals, dpre, up, x) = (c(vals)?, c(dpre)?, c(upstream)?, c(x)?);
     let held = [
         Held::new(&start, "start")?,
         Held::new(&rows, "rows")?,
         Held::new(&idx, "idx")?,
-        Held::new(&mat, "mat")?,
         Held::new(&vals, "vals")?,
         Held::new(&dpre, "dpre")?,
-        Held::new(&up0, "upstream")?,
-        Held::new(&up1, "auxiliary upstream")?,
+        Held::new(&up, "upstream")?,
         Held::new(&x, "x")?,
     ];
     let device = match w_dec.device() {
@@ -396,8 +392,7 @@ pub(crate) fn sparse_backward(
     expect(&start, &[f + 1], "start")?;
     let b = x.dim(0)?;
     expect(&x, &[b, width], "x")?;
-    expect(&up0, &[b, width], "upstream")?;
-    expect(&up1, &[b, width], "auxiliary upstream")?;
+    expect(&up, &[b, width], "upstream")?;
     expect(w_dec, &[2, f, d], "decoder.weight")?;
     // SAFETY: the kernel writes every entry of the three outputs (one block per latent, its
     // threads over all 2d columns), and nothing reads them before it has run.
@@ -410,27 +405,21 @@ pub(crate) fn sparse_backward(
     };
     let (f_u32, d32) = (f as u32, d as u32);
     {
-        let [h_start, h_rows, h_idx, h_mat, h_vals, h_dpre, h_up0, h_up1, h_x] = &held;
-        let (v_start, v_rows, v_idx, v_mat) =
-            (h_start.view::<u32>()?, h_rows.view::<u32>()?, h_idx.view::<u32>()?, h_mat.view::<u32>()?);
-        let (v_vals, v_dpre, v_up0, v_up1, v_x) = (
-            h_vals.view::<f32>()?,
-            h_dpre.view::<f32>()?,
-            h_up0.view::<f32>()?,
-            h_up1.view::<f32>()?,
-            h_x.view::<f32>()?,
-        );
+        let [h_start, h_rows, h_idx, h_vals, h_dpre, h_up, h_x] = &held;
+        let (v_start, v_rows, v_idx) = (h_start.view::<u32>()?, h_rows.view::<u32>()?, h_idx.view::<u32>()?);
+        let (v_vals, v_dpre, v_up, v_x) =
+            (h_vals.view::<f32>()?, h_dpre.view::<f32>()?, h_up.view::<f32>()?, h_x.view::<f32>()?);
         let func = device.get_or_load_custom_func("pipe_sparse_backward_f32", MODULE, PTX)?;
         let mut launch = func.builder();
-        launch.arg(&v_start).arg(&v_rows).arg(&v_idx).arg(&v_mat).arg(&v_vals).arg(&v_dpre);
-        launch.arg(&v_up0).arg(&v_up1).arg(&v_x).arg(&f_u32).arg(&d32);
+        launch.arg(&v_start).arg(&v_rows).arg(&v_idx).arg(&v_vals).arg(&v_dpre);
+        launch.arg(&v_up).arg(&v_x).arg(&f_u32).arg(&d32);
         launch.arg(&mut dwd).arg(&mut dwe_t).arg(&mut dbe);
         let cfg = config(launch::sparse_backward(f));
         // SAFETY: the arguments match `pipe_sparse_backward_f32`: f + 1 u32 starts over the u32
-        // rows, indices and matrices of the grouped entries (rows below B, indices below the
-        // concatenated values' length), the f32 values and code gradients, two (B, 2d) upstream
-        // buffers and x, two u32 scalars, then (2, f, d), (f, 2d) and (f) f32 outputs, every
-        // entry written by exactly one thread of latent j's block.
+        // rows and indices of the grouped entries (rows below B, indices below the values'
+        // length), the f32 values and code gradients, the (B, 2d) upstream and x, two u32
+        // scalars, then (2, f, d), (f, 2d) and (f) f32 outputs, every entry written by exactly
+        // one thread of latent j's block.
         unsafe { launch.launch(cfg) }.map_err(launch_failed)?;
     }
     drop(held);

@@ -329,7 +329,7 @@ pub(crate) fn backward(
     groups: &Groups,
     vals: &Tensor,
     dpre: &Tensor,
-    upstream: [&Tensor; 2],
+    upstream: &Tensor,
     x: &Tensor,
     (f, d): (usize, usize),
 ) -> Result<[Tensor; 3]> {
@@ -338,11 +338,9 @@ pub(crate) fn backward(
         Arg::U(groups.start.clone()),
         Arg::U(groups.rows.clone()),
         Arg::U(groups.idx.clone()),
-        Arg::U(groups.mat.clone()),
         Arg::F(vals.to_vec1()?),
         Arg::F(dpre.to_vec1()?),
-        Arg::F(host_f32(upstream[0])?),
-        Arg::F(host_f32(upstream[1])?),
+        Arg::F(host_f32(upstream)?),
         Arg::F(host_f32(x)?),
         Arg::U32(f as u32),
         Arg::U32(d as u32),
@@ -351,12 +349,12 @@ pub(crate) fn backward(
         Arg::F(vec![0.0; f]),
     ];
     run("pipe_sparse_backward_f32", launch::sparse_backward(f), &mut args)?;
-    let dwe = transpose(args[12].f(), f, width)?;
+    let dwe = transpose(args[10].f(), f, width)?;
     let dev = &Device::Cpu;
     Ok([
-        Tensor::from_slice(args[11].f(), (2, f, d), dev)?,
+        Tensor::from_slice(args[9].f(), (2, f, d), dev)?,
         Tensor::from_vec(dwe, (2, d, f), dev)?,
-        Tensor::from_slice(args[13].f(), f, dev)?,
+        Tensor::from_slice(args[11].f(), f, dev)?,
     ])
 }
 

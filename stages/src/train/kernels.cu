@@ -199,18 +199,17 @@ extern "C" __global__ void pipe_code_grads_f32(const unsigned int *__restrict__ 
 }
 
 // The backward by latent (cpu.rs's `sparse_backward_by`): for latent j, over its entries q in
-// start[j]..start[j+1] (row rows[q], entry idx[q] of the concatenated vals/dpre, matrix mat[q]):
-//   dwd[l, j, k]  = Σ_q vals[idx] · U_mat[row, l·d + k]     (dec's gradient, (2, f, d))
-//   dwe_t[j, c]   = Σ_q dpre[idx] · x[row, c]               (the encoder's, transposed: (f, 2d))
+// start[j]..start[j+1] (row rows[q], entry idx[q] of vals/dpre):
+//   dwd[l, j, k]  = Σ_q vals[idx] · up[row, l·d + k]     (dec's gradient, (2, f, d))
+//   dwe_t[j, c]   = Σ_q dpre[idx] · x[row, c]            (the encoder's, transposed: (f, 2d))
 //   dbe[j]        = Σ_q dpre[idx]
-// U_0 = up0, U_1 = up1, x all (rows, 2d). One block per latent, the threads over the 2d columns;
-// every output is written, so none needs zeroing.
+// up and x (rows, 2d). One block per latent, the threads over the 2d columns; every output is
+// written, so none needs zeroing.
 extern "C" __global__ void pipe_sparse_backward_f32(
     const unsigned int *__restrict__ start, const unsigned int *__restrict__ rows,
-    const unsigned int *__restrict__ idx, const unsigned int *__restrict__ mat, const float *__restrict__ vals,
-    const float *__restrict__ dpre, const float *__restrict__ up0, const float *__restrict__ up1,
-    const float *__restrict__ x, const unsigned int f, const unsigned int d, float *__restrict__ dwd,
-    float *__restrict__ dwe_t, float *__restrict__ dbe) {
+    const unsigned int *__restrict__ idx, const float *__restrict__ vals, const float *__restrict__ dpre,
+    const float *__restrict__ up, const float *__restrict__ x, const unsigned int f, const unsigned int d,
+    float *__restrict__ dwd, float *__restrict__ dwe_t, float *__restrict__ dbe) {
     const unsigned long long j = blockIdx.x;
     const unsigned int width = 2 * d;
     const unsigned int first = start[j];
@@ -221,8 +220,7 @@ extern "C" __global__ void pipe_sparse_backward_f32(
         for (unsigned int q = first; q < last; ++q) {
             const unsigned long long r = rows[q] * (unsigned long long)width + c;
             const unsigned int i = idx[q];
-            const float *u = mat[q] ? up1 : up0;
-            acc_d = __fadd_rn(acc_d, __fmul_rn(vals[i], u[r]));
+            acc_d = __fadd_rn(acc_d, __fmul_rn(vals[i], up[r]));
             acc_e = __fadd_rn(acc_e, __fmul_rn(dpre[i], x[r]));
         }
         const unsigned int l = c >= d ? 1 : 0;

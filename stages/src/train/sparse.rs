@@ -7,7 +7,9 @@
 //! codes' gradients, and, grouped by latent, the decoder's and encoder's gradients. On CUDA they
 //! are kernels of `train::cuda`; on the CPU they are the CPU step's own loops ([`super::cpu`]).
 //! The selection, the dead-latent bookkeeping, the losses and their gradients with respect to
-//! x̂ are tensor operations, the same on every device.
+//! x̂ are tensor operations, the same on every device; so is the auxiliary loss, dense over the
+//! dead latents' columns (`Aux`). In tests, `simulated` sends the four operations to the
+//! CUDA kernels' source run on the CPU (`train::kernel_sim`).
 //!
 //! At its sizes (d = 4096, F = 131,072, B = 2048, k = 100) this replaces three of the dense
 //! step's five B × 2d × F products (decode, and the two backward products of the codes) with
@@ -40,6 +42,24 @@ pub struct Kept {
 impl Kept {
     fn len(&self) -> usize {
         self.cols_host.len()
+    }
+
+    /// The entries as a dense (B, n) matrix on their device, zero elsewhere.
+    fn to_dense(&self, n: usize) -> Result<Tensor> {
+        let b = self.offsets.len() - 1;
+        let mut at = Vec::with_capacity(self.len());
+        for r in 0..b {
+            let row = (r * n) as u32;
+            let cols = &self.cols_host[self.offsets[r] as usize..self.offsets[r + 1] as usize];
+            at.extend(cols.iter().map(|j| row + j));
+        }
+        let device = self.vals.device();
+        let zeros = Tensor::zeros(b * n, DType::F32, device)?;
+        if at.is_empty() {
+            return zeros.reshape((b, n));
+        }
+        let at = Tensor::from_vec(at, self.len(), device)?;
+        zeros.index_add(&at, &self.vals, 0)?.reshape((b, n))
     }
 
     /// The entries as host CSR.
@@ -255,7 +275,7 @@ fn code_grads(cc: &Crosscoder, kept: &Kept, u: &Tensor) -> Result<Tensor> {
     Tensor::from_vec(out, kept.len(), kept.cols.device())
 }
 
-/// One code matrix's part in the backward: its entries, U = ∂L/∂(its decoder output) (B, 2d),
+/// The training codes' part in the backward: its entries, U = ∂L/∂(decoder output) (B, 2d),
 /// and ∂L/∂pre at its entries (N).
 struct Part<'a> {
     kept: &'a Kept,
@@ -264,20 +284,17 @@ struct Part<'a> {
 }
 
 /// The gradients of the decoder (2, F, d), of the encoder (2, d, F) and of its bias (F) from
-/// the kept entries of every part, grouped by latent; `x` (B, 2d).
-fn backward(cc: &Crosscoder, parts: &[Part], x: &Tensor) -> Result<[Tensor; 3]> {
+/// the part's kept entries, grouped by latent; `x` (B, 2d).
+fn backward(cc: &Crosscoder, part: &Part, x: &Tensor) -> Result<[Tensor; 3]> {
     let (d, f) = (cc.d, cc.f);
     let device = x.device().clone();
     // The grouping needs only the positions of the entries, which are on the host.
-    let host: Vec<Sparse> = parts
-        .iter()
-        .map(|p| Sparse {
-            offsets: p.kept.offsets.iter().map(|o| *o as usize).collect(),
-            cols: p.kept.cols_host.clone(),
-            vals: Vec::new(),
-        })
-        .collect();
-    let by = ByLatent::new(&host.iter().collect::<Vec<_>>(), f);
+    let host = Sparse {
+        offsets: part.kept.offsets.iter().map(|o| *o as usize).collect(),
+        cols: part.kept.cols_host.clone(),
+        vals: Vec::new(),
+    };
+    let by = ByLatent::new(&[&host], f);
     #[cfg(any(feature = "cuda", test))]
     if ops(x) != Ops::Loops {
         if by.entries.is_empty() {
@@ -288,11 +305,8 @@ fn backward(cc: &Crosscoder, parts: &[Part], x: &Tensor) -> Result<[Tensor; 3]> 
                 cc.b_enc.as_tensor().zeros_like()?,
             ]);
         }
-        let groups = Groups::new(&by, parts)?;
-        let vals = Tensor::cat(&parts.iter().map(|p| &p.kept.vals).collect::<Vec<_>>(), 0)?;
-        let dpre = Tensor::cat(&parts.iter().map(|p| p.dpre).collect::<Vec<_>>(), 0)?;
-        let up1 = parts.get(1).map_or(parts[0].upstream, |p| p.upstream);
-        let upstream = [parts[0].upstream, up1];
+        let groups = Groups::new(&by)?;
+        let (vals, dpre, up) = (&part.kept.vals, part.dpre, part.upstream);
         match ops(x) {
             #[cfg(feature = "cuda")]
             Ops::Cuda => {
@@ -300,41 +314,21 @@ fn backward(cc: &Crosscoder, parts: &[Part], x: &Tensor) -> Result<[Tensor; 3]> 
                     start: Tensor::from_vec(groups.start, f + 1, &device)?,
                     rows: Tensor::new(groups.rows, &device)?,
                     idx: Tensor::new(groups.idx, &device)?,
-                    mat: Tensor::new(groups.mat, &device)?,
                 };
-                return super::cuda::sparse_backward(
-                    &by,
-                    &vals,
-                    &dpre,
-                    upstream,
-                    x,
-                    cc.w_dec.as_tensor(),
-                    (f, d),
-                );
+                return super::cuda::sparse_backward(&by, vals, dpre, up, x, cc.w_dec.as_tensor(), (f, d));
             }
             #[cfg(test)]
-            Ops::Simulated => return super::kernel_sim::backward(&groups, &vals, &dpre, upstream, x, (f, d)),
+            Ops::Simulated => return super::kernel_sim::backward(&groups, vals, dpre, up, x, (f, d)),
             Ops::Loops => unreachable!("checked above"),
         }
     }
-    let codes: Vec<Sparse> = parts.iter().map(|p| p.kept.to_sparse()).collect::<Result<_>>()?;
-    let ups: Vec<Vec<f32>> =
-        parts.iter().map(|p| p.upstream.flatten_all()?.to_vec1()).collect::<Result<_>>()?;
-    let dpre: Vec<Vec<f32>> = parts.iter().map(|p| p.dpre.to_vec1()).collect::<Result<_>>()?;
+    let codes = part.kept.to_sparse()?;
+    let up: Vec<f32> = part.upstream.flatten_all()?.to_vec1()?;
+    let dpre: Vec<f32> = part.dpre.to_vec1()?;
     let x = x.flatten_all()?.to_vec1::<f32>()?;
     let (mut dwd, mut dwe, mut dbe) = (vec![0f32; 2 * f * d], vec![0f32; 2 * d * f], vec![0f32; f]);
     cpu::with_weights(cc, |w| {
-        cpu::sparse_backward_by(
-            &by,
-            &codes.iter().collect::<Vec<_>>(),
-            &ups.iter().map(Vec::as_slice).collect::<Vec<_>>(),
-            &dpre.iter().map(Vec::as_slice).collect::<Vec<_>>(),
-            &x,
-            w,
-            &mut dwd,
-            &mut dwe,
-            &mut dbe,
-        );
+        cpu::sparse_backward_by(&by, &[&codes], &[&up], &[&dpre], &x, w, &mut dwd, &mut dwe, &mut dbe);
         Ok(())
     })?;
     Ok([
@@ -344,32 +338,59 @@ fn backward(cc: &Crosscoder, parts: &[Part], x: &Tensor) -> Result<[Tensor; 3]> 
     ])
 }
 
-/// The kept entries of a step's code matrices grouped by latent, as the CUDA backward reads them:
-/// latent j's entries are `start[j]..start[j + 1]`, each with its row, its index in the
-/// concatenated values of all parts, and its part (0 the training codes, 1 the auxiliary ones).
+/// The training codes' kept entries grouped by latent, as the CUDA backward reads them: latent
+/// j's entries are `start[j]..start[j + 1]`, each with its row and its index in the codes' values.
 #[cfg_attr(not(any(feature = "cuda", test)), allow(dead_code))]
 pub(crate) struct Groups {
     pub start: Vec<u32>,
     pub rows: Vec<u32>,
     pub idx: Vec<u32>,
-    pub mat: Vec<u32>,
 }
 
 impl Groups {
     #[cfg_attr(not(any(feature = "cuda", test)), allow(dead_code))]
-    fn new(by: &ByLatent, parts: &[Part]) -> Result<Groups> {
+    fn new(by: &ByLatent) -> Result<Groups> {
         let too_many = |_| candle_core::Error::Msg("sparse step: more kept codes than u32 indices".into());
-        let first = u32::try_from(parts[0].kept.len()).map_err(too_many)?;
-        let n = by.entries.len();
-        let (mut rows, mut idx, mut mat) =
-            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-        for &(m, r, e) in &by.entries {
-            rows.push(r);
-            idx.push(if m == 0 { e } else { first + e });
-            mat.push(u32::from(m));
-        }
+        let (rows, idx) = by.entries.iter().map(|&(_, r, e)| (r, e)).unzip();
         let start = by.start.iter().map(|s| u32::try_from(*s).map_err(too_many)).collect::<Result<_>>()?;
-        Ok(Groups { start, rows, idx, mat })
+        Ok(Groups { start, rows, idx })
+    }
+}
+
+/// The auxiliary loss's codes, dense over the D dead latents `ids` (D, u32, ascending): `codes`
+/// (B, D), zero outside each token's kept entries; `w` the two models' decoder rows of those
+/// latents (D, d each); `upstream` = ∂L/∂x̂_aux (B, 2d).
+///
+/// Dense because the sparse operations read 2d floats per kept entry in each of decode and the
+/// codes' gradients and 4d in the backward (U's row and x's): 128 KiB an entry, 0.55 TB a step
+/// for the 4.2M entries at the paper's sizes, with little reuse. These eight (B × D × d)
+/// products do 16·B·D·d flops instead: 1.8 TFLOP with a tenth of F dead (D = 13,107), 13.5 with
+/// all. (A count, not a measurement. On the CPU the CPU step, `cpu.rs`, keeps its auxiliary
+/// part sparse.)
+struct Aux {
+    ids: Tensor,
+    codes: Tensor,
+    w: [Tensor; 2],
+    upstream: Tensor,
+}
+
+impl Aux {
+    /// Adds the auxiliary loss's gradients to the decoder's (2, F, d), the encoder's (2, d, F)
+    /// and its bias's (F) at the dead latents; `x` (B, 2d). The codes' gradient passes the relu
+    /// and the selection exactly at the nonzero codes (each kept code has post > 0).
+    fn backward(&self, x: &Tensor, d: usize, [dwd, dwe, dbe]: [Tensor; 3]) -> Result<[Tensor; 3]> {
+        let half = |t: &Tensor, l: usize| t.narrow(1, l * d, d)?.contiguous();
+        let (u, xs) = ([half(&self.upstream, 0)?, half(&self.upstream, 1)?], [half(x, 0)?, half(x, 1)?]);
+        let dcodes = (u[0].matmul(&self.w[0].t()?)? + u[1].matmul(&self.w[1].t()?)?)?;
+        let dpre = (dcodes * self.codes.ne(0f32)?.to_dtype(DType::F32)?)?;
+        let codes_t = self.codes.t()?;
+        let dwd_dead = Tensor::stack(&[codes_t.matmul(&u[0])?, codes_t.matmul(&u[1])?], 0)?;
+        let dwe_dead = Tensor::stack(&[xs[0].t()?.matmul(&dpre)?, xs[1].t()?.matmul(&dpre)?], 0)?;
+        Ok([
+            dwd.index_add(&self.ids, &dwd_dead, 1)?,
+            dwe.index_add(&self.ids, &dwe_dead, 2)?,
+            dbe.index_add(&self.ids, &dpre.sum(0)?, 0)?,
+        ])
     }
 }
 
@@ -428,16 +449,25 @@ pub fn batchtopk(t: &mut BatchTopK, cc: &Crosscoder, x: &Tensor) -> Result<Step>
         .broadcast_mul(&Tensor::from_vec(s, (2 * b, 1), &device)?)?
         .reshape((b, width))?;
 
-    // The auxiliary loss: dead latents reconstruct the (detached) residual.
+    // The auxiliary loss: dead latents reconstruct the (detached) residual, per token from its
+    // top min(d/2, dead) dead latents' codes. Its codes live among the D dead latents only, and
+    // up to d/2 = 2,048 per token at the paper's sizes (4.2M in a batch), so it runs densely over
+    // those D columns (see `Aux`), not through the sparse operations.
     let mut auxk = 0f32;
-    let mut aux: Option<(Kept, Tensor)> = None;
+    let mut aux: Option<Aux> = None;
     if n_dead > 0 {
+        let ids: Vec<u32> = (0..f as u32).filter(|j| dead[*j as usize]).collect();
+        let ids = Tensor::from_vec(ids, n_dead, &device)?;
         let k_aux = (d / 2).min(n_dead) as u64;
-        let mask: Vec<f32> = dead.iter().map(|d| if *d { 1.0 } else { 0.0 }).collect();
-        let dead_scaled = scaled.broadcast_mul(&Tensor::from_vec(mask, f, &device)?)?;
+        let dead_post = post.index_select(&ids, 1)?.contiguous()?;
+        let dead_scaled = scaled.index_select(&ids, 1)?.contiguous()?;
+        // (The k-th largest among the dead columns is the k-th of the rows with the live ones
+        // zeroed, since k ≤ D; ties go to the lowest latents, as the columns keep their order.)
         let thresh = kth_largest(&dead_scaled, &vec![k_aux; b])?;
-        let sel = select(&post, &dead_scaled, thresh, Quota::PerRow(k_aux))?;
-        let x_aux = decode(cc, &sel, false)?;
+        let codes = select(&dead_post, &dead_scaled, thresh, Quota::PerRow(k_aux))?.to_dense(n_dead)?;
+        let w = cc.w_dec.as_tensor().index_select(&ids, 1)?;
+        let w = [w.get(0)?, w.get(1)?];
+        let x_aux = Tensor::cat(&[codes.matmul(&w[0])?, codes.matmul(&w[1])?], 1)?;
         let diff = (&e - &x_aux)?;
         let num = sum_f64(&diff.sqr()?)? / b as f64;
         let den = sum_f64(&e.broadcast_sub(&e.mean_keepdim(0)?)?.sqr()?)? / b as f64;
@@ -445,19 +475,17 @@ pub fn batchtopk(t: &mut BatchTopK, cc: &Crosscoder, x: &Tensor) -> Result<Step>
         if value.is_finite() {
             auxk = value;
             let s = (-2.0 * t.auxk_alpha / (b as f64 * den)) as f32;
-            aux = Some((sel, (diff * f64::from(s))?));
+            aux = Some(Aux { ids, codes, w, upstream: (diff * f64::from(s))? });
         }
     }
     let loss = l2 + (f64::from(auxk) * t.auxk_alpha) as f32;
 
     // Backward over the kept entries (the relu passes them: each has post > 0).
     let dcodes = code_grads(cc, &main, &g)?;
-    let daux = aux.as_ref().map(|(a, ga)| code_grads(cc, a, ga)).transpose()?;
-    let mut parts = vec![Part { kept: &main, upstream: &g, dpre: &dcodes }];
-    if let (Some((a, ga)), Some(da)) = (&aux, &daux) {
-        parts.push(Part { kept: a, upstream: ga, dpre: da });
+    let [mut dwd, mut dwe, mut dbe] = backward(cc, &Part { kept: &main, upstream: &g, dpre: &dcodes }, &xf)?;
+    if let Some(aux) = &aux {
+        [dwd, dwe, dbe] = aux.backward(&xf, d, [dwd, dwe, dbe])?;
     }
-    let [dwd, dwe, dbe] = backward(cc, &parts, &xf)?;
     let dbd = g.sum(0)?.reshape((2, d))?;
 
     let nan = post.sum(1)?.to_vec1::<f32>()?.iter().any(|v| v.is_nan());

@@ -84,10 +84,10 @@ void run(Args &A, dim3 grid, dim3 block) {
         A.count(7);
         sim::launch(grid, block, [&] { pipe_code_grads_f32(A.U(0), A.U(1), A.F(2), A.F(3), A.u(4), A.u(5), A.F(6)); });
     } else if (n == "pipe_sparse_backward_f32") {
-        A.count(14);
+        A.count(12);
         sim::launch(grid, block, [&] {
-            pipe_sparse_backward_f32(A.U(0), A.U(1), A.U(2), A.U(3), A.F(4), A.F(5), A.F(6), A.F(7), A.F(8),
-                                     A.u(9), A.u(10), A.F(11), A.F(12), A.F(13));
+            pipe_sparse_backward_f32(A.U(0), A.U(1), A.U(2), A.F(3), A.F(4), A.F(5), A.F(6), A.u(7), A.u(8),
+                                     A.F(9), A.F(10), A.F(11));
         });
     } else if (n == "pipe_transpose_f32") {
         A.count(4);
