@@ -47,6 +47,9 @@ impl Kept {
     /// The entries as a dense (B, n) matrix on their device, zero elsewhere.
     fn to_dense(&self, n: usize) -> Result<Tensor> {
         let b = self.offsets.len() - 1;
+        if u32::try_from(b * n).is_err() {
+            candle_core::bail!("sparse step: a ({b}, {n}) code matrix overflows u32 indices");
+        }
         let mut at = Vec::with_capacity(self.len());
         for r in 0..b {
             let row = (r * n) as u32;
