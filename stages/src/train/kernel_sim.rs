@@ -18,8 +18,9 @@ use std::sync::OnceLock;
 
 use candle_core::{Device, Result, Tensor};
 
+use super::crosscoder::Crosscoder;
 use super::launch::{self, Geometry};
-use super::sparse::Groups;
+use super::sparse::{Groups, Kept};
 
 /// One kernel argument: a buffer (read back after the launch) or a scalar.
 pub(crate) enum Arg {
@@ -277,24 +278,17 @@ pub(crate) fn compact(
     Ok((Tensor::new(args[6].u(), dev)?, Tensor::new(args[7].f(), dev)?))
 }
 
-/// `cuda::sparse_decode` on the simulator.
-pub(crate) fn decode(
-    offsets: &[u32],
-    cols: &Tensor,
-    vals: &Tensor,
-    w_dec: &Tensor,
-    b_dec: &Tensor,
-    bias: bool,
-    (rows, f, d): (usize, usize, usize),
-) -> Result<Tensor> {
+/// `cuda::sparse_decode` on the simulator: (B, 2d), plus the decoder's bias when `bias`.
+pub(crate) fn decode(cc: &Crosscoder, kept: &Kept, bias: bool) -> Result<Tensor> {
+    let (rows, d) = (kept.offsets.len() - 1, cc.d);
     let mut args = [
-        Arg::U(offsets.to_vec()),
-        Arg::U(cols.to_vec1()?),
-        Arg::F(vals.to_vec1()?),
-        Arg::F(host_f32(w_dec)?),
-        Arg::F(host_f32(b_dec)?),
+        Arg::U(kept.offsets.clone()),
+        Arg::U(kept.cols.to_vec1()?),
+        Arg::F(kept.vals.to_vec1()?),
+        Arg::F(host_f32(cc.w_dec.as_tensor())?),
+        Arg::F(host_f32(cc.b_dec.as_tensor())?),
         Arg::U32(u32::from(bias)),
-        Arg::U32(f as u32),
+        Arg::U32(cc.f as u32),
         Arg::U32(d as u32),
         Arg::F(vec![0.0; rows * 2 * d]),
     ];
@@ -302,25 +296,19 @@ pub(crate) fn decode(
     Tensor::from_slice(args[8].f(), (rows, 2 * d), &Device::Cpu)
 }
 
-/// `cuda::sparse_code_grads` on the simulator.
-pub(crate) fn code_grads(
-    offsets: &[u32],
-    cols: &Tensor,
-    u: &Tensor,
-    w_dec: &Tensor,
-    (rows, f, d): (usize, usize, usize),
-) -> Result<Tensor> {
-    let n = cols.elem_count();
+/// `cuda::sparse_code_grads` on the simulator: ⟨u_b, d_j⟩ per kept entry, u (B, 2d).
+pub(crate) fn code_grads(cc: &Crosscoder, kept: &Kept, u: &Tensor) -> Result<Tensor> {
+    let n = kept.cols.elem_count();
     let mut args = [
-        Arg::U(offsets.to_vec()),
-        Arg::U(cols.to_vec1()?),
+        Arg::U(kept.offsets.clone()),
+        Arg::U(kept.cols.to_vec1()?),
         Arg::F(host_f32(u)?),
-        Arg::F(host_f32(w_dec)?),
-        Arg::U32(f as u32),
-        Arg::U32(d as u32),
+        Arg::F(host_f32(cc.w_dec.as_tensor())?),
+        Arg::U32(cc.f as u32),
+        Arg::U32(cc.d as u32),
         Arg::F(vec![0.0; n]),
     ];
-    run("pipe_code_grads_f32", launch::code_grads(rows), &mut args)?;
+    run("pipe_code_grads_f32", launch::code_grads(kept.offsets.len() - 1), &mut args)?;
     Tensor::new(args[6].f(), &Device::Cpu)
 }
 

@@ -27,14 +27,14 @@ use super::crosscoder::{BatchTopK, Crosscoder, kth_largest, row_counts};
 /// `cols[offsets[r]..offsets[r + 1]]` (ascending) with their unscaled `vals`.
 pub struct Kept {
     /// (B + 1), on the host.
-    offsets: Vec<u32>,
+    pub(super) offsets: Vec<u32>,
     /// The same offsets on the device, u32 (the CUDA kernels read them).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     offsets_dev: Tensor,
     /// (N) u32.
-    cols: Tensor,
+    pub(super) cols: Tensor,
     /// (N) f32.
-    vals: Tensor,
+    pub(super) vals: Tensor,
     /// `cols` on the host (the dead-latent counters and the by-latent grouping need them).
     cols_host: Vec<u32>,
 }
@@ -217,7 +217,6 @@ fn compact(
 /// Σ_j f_bj d_j (+ b_dec when `bias`) over the kept entries: (B, 2d).
 fn decode(cc: &Crosscoder, kept: &Kept, bias: bool) -> Result<Tensor> {
     let b = kept.offsets.len() - 1;
-    let (w_dec, b_dec, dims) = (cc.w_dec.as_tensor(), cc.b_dec.as_tensor(), (b, cc.f, cc.d));
     match ops(&kept.cols) {
         #[cfg(feature = "cuda")]
         Ops::Cuda => {
@@ -225,27 +224,16 @@ fn decode(cc: &Crosscoder, kept: &Kept, bias: bool) -> Result<Tensor> {
                 &kept.offsets_dev,
                 &kept.cols,
                 &kept.vals,
-                w_dec,
-                b_dec,
+                cc.w_dec.as_tensor(),
+                cc.b_dec.as_tensor(),
                 bias,
-                dims,
+                (b, cc.f, cc.d),
             );
         }
         #[cfg(test)]
-        Ops::Simulated => {
-            return super::kernel_sim::decode(
-                &kept.offsets,
-                &kept.cols,
-                &kept.vals,
-                w_dec,
-                b_dec,
-                bias,
-                dims,
-            );
-        }
+        Ops::Simulated => return super::kernel_sim::decode(cc, kept, bias),
         Ops::Loops => {}
     }
-    let _ = (w_dec, b_dec, dims);
     let codes = kept.to_sparse()?;
     let out = cpu::with_weights(cc, |w| Ok(cpu::decode_sparse(&codes, w, bias)))?;
     Tensor::from_vec(out, (b, 2 * cc.d), kept.cols.device())
@@ -253,7 +241,6 @@ fn decode(cc: &Crosscoder, kept: &Kept, bias: bool) -> Result<Tensor> {
 
 /// For each kept entry (b, j), ⟨U_b, d_j⟩ with `u` = ∂L/∂(decoder output) (B, 2d): (N).
 fn code_grads(cc: &Crosscoder, kept: &Kept, u: &Tensor) -> Result<Tensor> {
-    let dims = (kept.offsets.len() - 1, cc.f, cc.d);
     match ops(&kept.cols) {
         #[cfg(feature = "cuda")]
         Ops::Cuda => {
@@ -262,16 +249,13 @@ fn code_grads(cc: &Crosscoder, kept: &Kept, u: &Tensor) -> Result<Tensor> {
                 &kept.cols,
                 u,
                 cc.w_dec.as_tensor(),
-                dims,
+                (kept.offsets.len() - 1, cc.f, cc.d),
             );
         }
         #[cfg(test)]
-        Ops::Simulated => {
-            return super::kernel_sim::code_grads(&kept.offsets, &kept.cols, u, cc.w_dec.as_tensor(), dims);
-        }
+        Ops::Simulated => return super::kernel_sim::code_grads(cc, kept, u),
         Ops::Loops => {}
     }
-    let _ = dims;
     let codes = kept.to_sparse()?;
     let u = u.flatten_all()?.to_vec1::<f32>()?;
     let out = cpu::with_weights(cc, |w| Ok(cpu::code_grads(&codes, &u, w)))?;
@@ -462,8 +446,7 @@ pub fn batchtopk(t: &mut BatchTopK, cc: &Crosscoder, x: &Tensor) -> Result<Step>
         let ids: Vec<u32> = (0..f as u32).filter(|j| dead[*j as usize]).collect();
         let ids = Tensor::from_vec(ids, n_dead, &device)?;
         let k_aux = (d / 2).min(n_dead) as u64;
-        let dead_post = post.index_select(&ids, 1)?.contiguous()?;
-        let dead_scaled = scaled.index_select(&ids, 1)?.contiguous()?;
+        let (dead_post, dead_scaled) = (post.index_select(&ids, 1)?, scaled.index_select(&ids, 1)?);
         // (The k-th largest among the dead columns is the k-th of the rows with the live ones
         // zeroed, since k ≤ D; ties go to the lowest latents, as the columns keep their order.)
         let thresh = kth_largest(&dead_scaled, &vec![k_aux; b])?;
